@@ -1,0 +1,1 @@
+"""The ``signgate`` command line: thin wiring over the library."""

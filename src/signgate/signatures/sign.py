@@ -1,0 +1,98 @@
+"""Signing images: payload, signature, and the signature image appended in the registry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from signgate.errors import RegistryError
+from signgate.keys.model import Signer
+from signgate.reference import ImageReference, Repository
+from signgate.registry import INDEX_MEDIA_TYPES, RegistryClient
+from signgate.signatures.layout import SignatureLayer
+from signgate.signatures.payload import build_payload
+from signgate.signatures.store import (
+    fetch_payload,
+    read_signature_image,
+    signature_repository,
+    write_signature_image,
+)
+from signgate.signatures.verify import check_signature
+
+# A concurrent signer can replace the signature image between our read and our write; we read
+# back and append again, a bounded number of times.
+_WRITE_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class SignedDigest:
+    """One digest signed (or found already signed) and where its signature image lives."""
+
+    reference: ImageReference
+    digest: str
+    signature_location: str
+    already_signed: bool
+
+
+async def digests_to_sign(
+    client: RegistryClient, reference: ImageReference, recursive: bool
+) -> list[str]:
+    """The image's digest, then, with ``recursive``, every child of a multi-platform index."""
+    manifest = await client.get_manifest(reference.repository, reference.identifier)
+    digests = [manifest.digest]
+    if recursive and manifest.media_type in INDEX_MEDIA_TYPES:
+        for child in manifest.json().get("manifests", []):
+            if isinstance(child, dict) and isinstance(child.get("digest"), str):
+                digests.append(child["digest"])
+    return digests
+
+
+async def sign_digest(
+    client: RegistryClient,
+    signer: Signer,
+    reference: ImageReference,
+    digest: str,
+    annotations: Mapping[str, str] | None = None,
+    signature_repo: Repository | None = None,
+) -> SignedDigest:
+    """Sign ``reference.repository@digest`` and append the signature to its signature image."""
+    repository = signature_repo or signature_repository(reference.repository)
+    payload = build_payload(str(reference.repository), digest, annotations)
+    public_key = signer.public_key()
+    signature = await asyncio.to_thread(signer.sign, payload)
+    new_layer = SignatureLayer.for_signature(payload, signature)
+    for _ in range(_WRITE_ATTEMPTS):
+        image = await read_signature_image(client, repository, digest)
+        layers = list(image.layers) if image else []
+        for layer in layers:
+            if layer.digest != new_layer.digest:
+                continue
+            stored = await fetch_payload(client, repository, layer)
+            if check_signature(layer, stored, [public_key], digest, annotations or {}).verified:
+                location = image.location if image else ""
+                return SignedDigest(reference, digest, location, already_signed=True)
+        await write_signature_image(
+            client, repository, digest, [*layers, new_layer], {new_layer.digest: payload}
+        )
+        written = await read_signature_image(client, repository, digest)
+        if written is not None and new_layer in written.layers:
+            return SignedDigest(reference, digest, written.location, already_signed=False)
+    raise RegistryError(
+        f"{repository}: signature for {digest} was overwritten by concurrent writers "
+        f"{_WRITE_ATTEMPTS} times; try again"
+    )
+
+
+async def sign_image(
+    client: RegistryClient,
+    signer: Signer,
+    reference: ImageReference,
+    annotations: Mapping[str, str] | None = None,
+    recursive: bool = False,
+) -> list[SignedDigest]:
+    """Sign the digest ``reference`` resolves to (and, recursively, an index's children)."""
+    digests = await digests_to_sign(client, reference, recursive)
+    return [
+        await sign_digest(client, signer, reference, digest, annotations) for digest in digests
+    ]

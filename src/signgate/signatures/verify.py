@@ -1,0 +1,174 @@
+"""Verifying an image's classic signatures against public keys and required annotations."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from signgate.errors import Error, VerificationError
+from signgate.keys.model import PublicKey
+from signgate.reference import ImageReference, Repository
+from signgate.registry import RegistryClient
+from signgate.signatures.layout import SIMPLE_SIGNING_MEDIA_TYPE, SignatureLayer
+from signgate.signatures.payload import SimpleSigningPayload, parse_payload
+from signgate.signatures.store import fetch_payload, read_signature_image, signature_repository
+
+
+@dataclass(frozen=True)
+class SignatureCheck:
+    """The outcome for one signature layer: the key that verified it, or why it failed."""
+
+    layer: SignatureLayer
+    key: PublicKey | None = None
+    payload: SimpleSigningPayload | None = None
+    payload_bytes: bytes = b""
+    reason: str | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.reason is None and self.key is not None
+
+
+# Failure reasons, most telling first: when every signature fails, the person sees the reason of
+# the signature that came closest to verifying.
+_REASON_RANK = ("annotation", "digest claim", "payload", "does not verify", "not a signature")
+
+
+def check_signature(
+    layer: SignatureLayer,
+    payload_bytes: bytes,
+    keys: Sequence[PublicKey],
+    digest: str,
+    required_annotations: Mapping[str, str],
+) -> SignatureCheck:
+    """Check one signature over its stored payload bytes (pure)."""
+    if layer.media_type != SIMPLE_SIGNING_MEDIA_TYPE:
+        return SignatureCheck(layer, reason=f"layer {layer.digest} is not a signature")
+    signature = layer.signature()
+    if signature is None:
+        return SignatureCheck(layer, reason=f"layer {layer.digest} is not a signature")
+    key = next((k for k in keys if k.verify(signature, payload_bytes)), None)
+    if key is None:
+        return SignatureCheck(layer, reason="signature does not verify with the given keys")
+    try:
+        payload = parse_payload(payload_bytes)
+    except VerificationError as e:
+        return SignatureCheck(layer, key=key, reason=f"payload invalid: {e.diagnostics()}")
+    if payload.manifest_digest != digest:
+        return SignatureCheck(
+            layer,
+            key=key,
+            payload=payload,
+            reason=f"digest claim mismatch: signature is for {payload.manifest_digest}",
+        )
+    for name, wanted in required_annotations.items():
+        found = payload.annotations.get(name)
+        if found is None or str(found) != wanted:
+            return SignatureCheck(
+                layer,
+                key=key,
+                payload=payload,
+                reason=f"annotation mismatch: {name}={wanted!s} required, found {found!r}",
+            )
+    return SignatureCheck(layer, key=key, payload=payload, payload_bytes=payload_bytes)
+
+
+def _rank(reason: str) -> int:
+    return next((i for i, word in enumerate(_REASON_RANK) if word in reason), len(_REASON_RANK))
+
+
+@dataclass(frozen=True)
+class ImageVerification:
+    """The verdict for one image: the signatures that verified, or why none did."""
+
+    reference: ImageReference
+    digest: str | None
+    checks: tuple[SignatureCheck, ...] = ()
+    error: str | None = None
+    signature_location: str | None = None
+    verified: tuple[SignatureCheck, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "verified", tuple(c for c in self.checks if c.verified))
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.verified)
+
+    def reason(self) -> str:
+        """One line saying why the image failed (empty when it verified)."""
+        if self.ok:
+            return ""
+        if self.error:
+            return self.error
+        if not self.checks:
+            return f"no signatures found in {self.signature_location}"
+        return min((c.reason or "" for c in self.checks), key=_rank)
+
+
+async def resolve_digest(client: RegistryClient, reference: ImageReference) -> str:
+    """The digest ``reference`` names; a tag is resolved by fetching and hashing the manifest."""
+    if reference.digest:
+        return reference.digest
+    manifest = await client.get_manifest(reference.repository, reference.identifier)
+    return manifest.digest
+
+
+async def verify_image(
+    client: RegistryClient,
+    reference: ImageReference,
+    keys: Sequence[PublicKey],
+    required_annotations: Mapping[str, str] | None = None,
+    signature_repo: Repository | None = None,
+) -> ImageVerification:
+    """Verify one image; registry failures become the verdict's error, never an exception."""
+    try:
+        digest = await resolve_digest(client, reference)
+    except Error as e:
+        return ImageVerification(reference, None, error=e.diagnostics())
+    repository = signature_repo or signature_repository(reference.repository)
+    try:
+        image = await read_signature_image(client, repository, digest)
+        if image is None:
+            return ImageVerification(
+                reference, digest, error=f"no signatures found for {reference.repository}@{digest}"
+            )
+        checks = await asyncio.gather(
+            *(_check_layer(client, repository, layer, keys, digest, required_annotations or {})
+              for layer in image.layers)
+        )
+    except Error as e:
+        return ImageVerification(reference, digest, error=e.diagnostics())
+    return ImageVerification(reference, digest, tuple(checks), signature_location=image.location)
+
+
+async def _check_layer(
+    client: RegistryClient,
+    repository: Repository,
+    layer: SignatureLayer,
+    keys: Sequence[PublicKey],
+    digest: str,
+    required_annotations: Mapping[str, str],
+) -> SignatureCheck:
+    if layer.media_type != SIMPLE_SIGNING_MEDIA_TYPE:
+        return SignatureCheck(layer, reason=f"layer {layer.digest} is not a signature")
+    payload = await fetch_payload(client, repository, layer)
+    return check_signature(layer, payload, keys, digest, required_annotations)
+
+
+async def verify_images(
+    client: RegistryClient,
+    references: Sequence[ImageReference],
+    keys: Sequence[PublicKey],
+    required_annotations: Mapping[str, str] | None = None,
+    concurrency: int = 64,
+) -> list[ImageVerification]:
+    """Verify many images concurrently over the client's one connection pool."""
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(reference: ImageReference) -> ImageVerification:
+        async with limit:
+            return await verify_image(client, reference, keys, required_annotations)
+
+    return list(await asyncio.gather(*(one(r) for r in references)))
