@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from signgate.digests import DIGEST_HEX_LENGTHS
 from signgate.errors import InvalidReference
 
 DEFAULT_REGISTRY = "index.docker.io"
@@ -39,9 +40,6 @@ _DIGEST_RE = re.compile(_DIGEST)
 _IMAGE_ID_RE = re.compile(r"[a-f0-9]{64}")
 _TAG_SUFFIX_RE = re.compile(r"[A-Za-z0-9_.-]*")
 
-# The algorithms go-digest registers, with the length of their lowercase hex encoding; a digest
-# with another algorithm is well formed but unusable (distribution refuses it the same way).
-_DIGEST_HEX_LENGTHS = {"sha256": 64, "sha384": 96, "sha512": 128}
 _LOWERCASE_HEX_RE = re.compile(r"[a-f0-9]+")
 
 
@@ -79,7 +77,7 @@ def _digest_problem(digest: str) -> str | None:
     if not _DIGEST_RE.fullmatch(digest):
         return f"invalid digest {_quoted(digest)} (want algorithm:hex)"
     algorithm, _, encoded = digest.partition(":")
-    hex_length = _DIGEST_HEX_LENGTHS.get(algorithm)
+    hex_length = DIGEST_HEX_LENGTHS.get(algorithm)
     if hex_length is None:
         return f"unsupported digest algorithm {_quoted(algorithm)} in {_quoted(digest)}"
     if len(encoded) != hex_length or not _LOWERCASE_HEX_RE.fullmatch(encoded):

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from signgate.digests import compute_digest as sha256_digest
 from signgate.keys.model import PublicKey
-from signgate.signatures.layout import SIGNATURE_ANNOTATION, SignatureLayer, sha256_digest
+from signgate.signatures.layout import SIGNATURE_ANNOTATION, SignatureLayer
 from signgate.signatures.verify import check_signature
 from tests.vectors import vector
 

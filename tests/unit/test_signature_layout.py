@@ -1,5 +1,6 @@
 import json
 
+from signgate.digests import compute_digest as sha256_digest
 from signgate.signatures.layout import (
     SIGNATURE_ANNOTATION,
     SIMPLE_SIGNING_MEDIA_TYPE,
@@ -7,7 +8,6 @@ from signgate.signatures.layout import (
     config_blob,
     manifest_bytes,
     parse_layers,
-    sha256_digest,
 )
 from tests.vectors import vector
 

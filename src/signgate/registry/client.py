@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
-import re
 import ssl
 from collections.abc import AsyncIterator, Callable, Collection, Container, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -28,6 +27,7 @@ import anyio.to_thread
 import httpx
 
 from signgate import __version__
+from signgate.digests import compute_digest, parse_digest
 from signgate.errors import DigestMismatch, RegistryError, UsageError
 from signgate.reference import Repository
 from signgate.registry.auth import (
@@ -54,8 +54,6 @@ MAX_KEEPALIVE_CONNECTIONS = 20
 KEEPALIVE_SECONDS = 30.0
 DEFAULT_MAX_BLOB_BYTES = 64 << 20
 
-_DIGEST_HEX_LENGTHS = {"sha256": 64, "sha512": 128}
-_DIGEST_RE = re.compile(r"(sha256|sha512):([a-f0-9]+)")
 _MAX_ERROR_BODY_BYTES = 64 << 10
 _MAX_LIST_PAGE_BYTES = 16 << 20
 _MAX_PAGES = 10_000
@@ -109,19 +107,6 @@ class Manifest:
         if not isinstance(value, dict):
             raise ValueError("manifest is not a JSON object")
         return value
-
-
-def compute_digest(data: bytes, algorithm: str = "sha256") -> str:
-    """``algorithm:hex`` of ``data`` (sha256 or sha512)."""
-    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
-
-
-def parse_digest(text: str) -> tuple[str, str] | None:
-    """(algorithm, hex) when ``text`` is a digest we can check, else None."""
-    match = _DIGEST_RE.fullmatch(text)
-    if match is None or len(match.group(2)) != _DIGEST_HEX_LENGTHS[match.group(1)]:
-        return None
-    return match.group(1), match.group(2)
 
 
 def split_host_port(registry: str) -> tuple[str, int | None]:

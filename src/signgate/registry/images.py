@@ -8,7 +8,6 @@ digest); pushing goes through :class:`~signgate.registry.client.RegistryClient`.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import tarfile
@@ -16,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from signgate.digests import compute_digest
 from signgate.errors import DigestMismatch, UsageError
 from signgate.reference import Repository
 from signgate.registry.client import RegistryClient
@@ -46,16 +46,12 @@ _INDEX_CHILD_MEDIA_TYPE = {
 }
 
 
-def _sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
 def _compact_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _descriptor(media_type: str, data: bytes) -> dict[str, Any]:
-    return {"mediaType": media_type, "digest": _sha256_digest(data), "size": len(data)}
+    return {"mediaType": media_type, "digest": compute_digest(data), "size": len(data)}
 
 
 def _platform_object(platform: tuple[str, str]) -> dict[str, str]:
@@ -97,7 +93,7 @@ class ImageBlobs:
 
     @property
     def digest(self) -> str:
-        return _sha256_digest(self.manifest)
+        return compute_digest(self.manifest)
 
 
 def build_image(
@@ -115,7 +111,7 @@ def build_image(
         {
             **platform_object,
             "config": {},
-            "rootfs": {"type": "layers", "diff_ids": [_sha256_digest(tar)]},
+            "rootfs": {"type": "layers", "diff_ids": [compute_digest(tar)]},
         }
     )
     manifest = _compact_json(
@@ -147,7 +143,7 @@ def build_index(images: Sequence[ImageBlobs], media_type: str = OCI_INDEX) -> by
 async def _put_manifest(
     client: RegistryClient, repo: Repository, tag: str | None, manifest: bytes, media_type: str
 ) -> str:
-    expected = _sha256_digest(manifest)
+    expected = compute_digest(manifest)
     digest = await client.put_manifest(repo, tag or expected, manifest, media_type)
     if digest != expected:
         raise DigestMismatch(f"{repo} stored manifest {expected} under digest {digest}")

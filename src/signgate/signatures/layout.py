@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from signgate.digests import compute_digest
 from signgate.registry.mediatypes import OCI_MANIFEST
 
 SIMPLE_SIGNING_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
@@ -23,10 +23,6 @@ SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 CERTIFICATE_ANNOTATION = "dev.sigstore.cosign/certificate"
 CHAIN_ANNOTATION = "dev.sigstore.cosign/chain"
 BUNDLE_ANNOTATION = "dev.sigstore.cosign/bundle"
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -69,7 +65,7 @@ class SignatureLayer:
     ) -> SignatureLayer:
         annotations = {SIGNATURE_ANNOTATION: base64.b64encode(signature).decode()}
         annotations.update(extra or {})
-        return cls(SIMPLE_SIGNING_MEDIA_TYPE, sha256_digest(payload), len(payload), annotations)
+        return cls(SIMPLE_SIGNING_MEDIA_TYPE, compute_digest(payload), len(payload), annotations)
 
 
 def config_blob(layers: Sequence[SignatureLayer]) -> bytes:
@@ -90,7 +86,7 @@ def manifest_bytes(layers: Sequence[SignatureLayer], config: bytes) -> bytes:
         "config": {
             "mediaType": OCI_CONFIG_MEDIA_TYPE,
             "size": len(config),
-            "digest": sha256_digest(config),
+            "digest": compute_digest(config),
         },
         "layers": [layer.descriptor() for layer in layers],
     }
