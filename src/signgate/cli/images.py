@@ -10,7 +10,7 @@ from typing import get_args
 import click
 
 from signgate.cli.options import RegistryFlags, registry_options, run
-from signgate.errors import UsageError
+from signgate.errors import InvalidReference, UsageError
 from signgate.reference import ImageReference
 
 ANNOTATION_HELP = "Annotation k=v: with sign, added to the payload; with verify, required."
@@ -26,8 +26,23 @@ def parse_annotations(pairs: Sequence[str]) -> dict[str, str]:
     return annotations
 
 
+def parse_reference(image: str) -> ImageReference:
+    """An image named on the command line; a malformed one is a usage error (exit 2)."""
+    try:
+        return ImageReference.parse(image)
+    except InvalidReference as e:
+        raise UsageError(e.diagnostics()) from e
+
+
 def parse_references(images: Sequence[str]) -> list[ImageReference]:
-    return [ImageReference.parse(image) for image in images]
+    return [parse_reference(image) for image in images]
+
+
+def failure_line(reference: ImageReference, reason: str) -> str:
+    """``reference: reason``, naming the image once when the reason already starts with it."""
+    if reason.startswith(f"{reference}:"):
+        return reason
+    return f"{reference}: {reason}"
 
 
 @click.command()
@@ -56,7 +71,7 @@ def sign(
     """Sign IMAGE(s) by digest and push the signatures beside them."""
     from signgate.keys import load_signer, password_source
     from signgate.registry import RegistryClient
-    from signgate.signatures.sign import sign_image
+    from signgate.signatures.sign import SignedDigest, sign_images
 
     if tlog_upload:
         raise UsageError("signgate does not upload to a transparency log; use --tlog-upload=false")
@@ -64,24 +79,25 @@ def sign(
     references = parse_references(images)
     signer = load_signer(key_ref, password_source(confirm=False))
 
-    async def sign_all() -> None:
-        async with RegistryClient(registry.options_for(references)) as client:
-            for reference in references:
-                if reference.digest is None:
-                    click.echo(
-                        f"Note: {reference} names a tag; signgate signs the digest it resolves "
-                        "to now. Sign by digest to be sure which image you sign.",
-                        err=True,
-                    )
-                for signed in await sign_image(client, signer, reference, wanted, recursive):
-                    verb = "Already signed" if signed.already_signed else "Pushed signature"
-                    click.echo(
-                        f"{verb}: {signed.reference.repository}@{signed.digest} -> "
-                        f"{signed.signature_location}",
-                        err=True,
-                    )
+    for reference in references:
+        if reference.digest is None:
+            click.echo(
+                f"Note: {reference} names a tag; signgate signs the digest it resolves to now. "
+                "Sign by digest to be sure which image you sign.",
+                err=True,
+            )
 
-    run(sign_all())
+    async def sign_all() -> list[SignedDigest]:
+        async with RegistryClient(registry.options_for(references)) as client:
+            return await sign_images(client, signer, references, wanted, recursive)
+
+    for signed in run(sign_all()):
+        verb = "Already signed" if signed.already_signed else "Pushed signature"
+        click.echo(
+            f"{verb}: {signed.reference.repository}@{signed.digest} -> "
+            f"{signed.signature_location}",
+            err=True,
+        )
 
 
 @click.command()
@@ -126,7 +142,7 @@ def verify(
     for result in run(verify_all()):
         if not result.ok:
             failures += 1
-            click.echo(f"signgate: {result.reference}: {result.reason()}", err=True)
+            click.echo(f"signgate: {failure_line(result.reference, result.reason())}", err=True)
             continue
         click.echo(
             f"\nVerification for {result.reference} --\n"
@@ -159,7 +175,7 @@ def triangulate(kind: str, registry: RegistryFlags, image: str) -> None:
     from signgate.signatures.attachments import AttachmentType, attachment_location
     from signgate.signatures.verify import resolve_digest
 
-    reference = ImageReference.parse(image)
+    reference = parse_reference(image)
     assert kind in get_args(AttachmentType)
 
     async def locate() -> ImageReference:
@@ -180,7 +196,7 @@ def tree(key_refs: tuple[str, ...], registry: RegistryFlags, image: str) -> None
     from signgate.registry import RegistryClient
     from signgate.signatures.attachments import Attachment, attachment_tree
 
-    reference = ImageReference.parse(image)
+    reference = parse_reference(image)
     keys = load_public_keys(key_refs) if key_refs else []
 
     async def walk() -> tuple[str, list[Attachment]]:
@@ -219,7 +235,7 @@ def clean(
     from signgate.signatures.attachments import AttachmentType, CleanOutcome
     from signgate.signatures.attachments import clean as clean_attachments
 
-    reference = ImageReference.parse(image)
+    reference = parse_reference(image)
     if key_ref is not None and kind not in ("signature", "all"):
         raise UsageError("--key applies to signatures; use --type signature")
     kinds: list[AttachmentType] = (
@@ -229,7 +245,8 @@ def clean(
         kinds = ["signature"]
     key = load_public_key(key_ref) if key_ref is not None else None
     if not force:
-        what = f"the signatures by {key_ref}" if key_ref else f"all {kind} attachments"
+        attachments = "attachments" if kind == "all" else f"{kind} attachments"
+        what = f"the signatures by {key_ref}" if key_ref else f"all {attachments}"
         if not sys.stdin.isatty():
             raise UsageError(f"refusing to remove {what} of {reference} without -f")
         click.confirm(f"Remove {what} of {reference}?", abort=True)

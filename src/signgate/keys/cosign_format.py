@@ -23,8 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import nacl.exceptions
-import nacl.secret
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -47,9 +45,11 @@ _FORMAT_NAMES = {SEC1_PRIVATE_KEY_LABEL: "SEC1", PKCS1_PRIVATE_KEY_LABEL: "PKCS#
 KDF_NAME = "scrypt"
 CIPHER_NAME = "nacl/secretbox"
 SALT_SIZE = 32
-NONCE_SIZE = nacl.secret.SecretBox.NONCE_SIZE
-BOX_KEY_SIZE = nacl.secret.SecretBox.KEY_SIZE
-MAC_SIZE = nacl.secret.SecretBox.MACBYTES
+# NaCl secretbox sizes (XSalsa20-Poly1305); PyNaCl itself is imported only to seal or open a
+# box, so that verifying with a public key does not pay for loading it.
+NONCE_SIZE = 24
+BOX_KEY_SIZE = 32
+MAC_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -218,6 +218,8 @@ def encrypt(
     """The encrypted JSON document for ``plaintext``, with a fresh random salt and nonce."""
     salt = secrets.token_bytes(SALT_SIZE)
     nonce = secrets.token_bytes(NONCE_SIZE)
+    import nacl.secret
+
     box = nacl.secret.SecretBox(derive_key(password, salt, params))
     ciphertext = box.encrypt(plaintext, nonce).ciphertext
     return EncryptedData(params, salt, nonce, ciphertext).to_json()
@@ -232,6 +234,9 @@ def decrypt(
 ) -> bytes:
     """The plaintext of an encrypted JSON document; :class:`WrongPassword` if the MAC fails."""
     encrypted = EncryptedData.parse(data, source=source)
+    import nacl.exceptions
+    import nacl.secret
+
     box = nacl.secret.SecretBox(derive_key(password, encrypted.salt, encrypted.params))
     try:
         return box.decrypt(encrypted.ciphertext, encrypted.nonce)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
 import ssl
 from collections.abc import AsyncIterator, Callable, Collection, Container, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -142,14 +143,32 @@ def _push(repo: Repository) -> str:
     return repository_scope(repo.path, "pull", "push")
 
 
-def _ssl_context(ca_bundle: Path | None) -> ssl.SSLContext:
-    context = httpx.create_ssl_context(trust_env=True)
+def _load_trust(context: ssl.SSLContext, ca_bundle: Path | None) -> None:
+    """Trust the system's roots, as cosign (Go) does, plus ``ca_bundle``.
+
+    SSL_CERT_FILE and SSL_CERT_DIR are honoured; a hashed certificate directory is read lazily
+    by OpenSSL (one file per issuer looked up); certifi's bundle is the fallback where the
+    system has no roots.
+    """
+    defaults = ssl.get_default_verify_paths()
+    cafile = os.environ.get("SSL_CERT_FILE")
+    capath = os.environ.get("SSL_CERT_DIR") or defaults.capath
+    try:
+        if cafile:
+            context.load_verify_locations(cafile=cafile)
+        elif capath and os.path.isdir(capath) and any(Path(capath).glob("*.0")):
+            context.load_verify_locations(capath=capath)
+        else:
+            import certifi
+
+            context.load_verify_locations(cafile=certifi.where())
+    except (OSError, ssl.SSLError) as e:
+        raise UsageError(f"cannot load the system's CA certificates: {one_line(str(e))}") from e
     if ca_bundle is not None:
         try:
             context.load_verify_locations(cafile=str(ca_bundle))
         except (OSError, ssl.SSLError) as e:
             raise UsageError(f"cannot load the CA bundle {ca_bundle}: {one_line(str(e))}") from e
-    return context
 
 
 def _media_type(content_type: str | None, raw: bytes) -> str:
@@ -202,8 +221,13 @@ class RegistryClient:
                 f"https://{host}": httpx.AsyncHTTPTransport(verify=False, limits=limits)
                 for host in self._insecure
             }
+        # Trust is loaded into this context only before the first HTTPS request (see
+        # _load_trust): a run against a plain-HTTP loopback registry never pays for it.
+        self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._trust_loaded = False
         self._http = httpx.AsyncClient(
-            verify=_ssl_context(self.options.ca_bundle),
+            verify=self._tls,
             limits=limits,
             timeout=httpx.Timeout(self.options.timeout_seconds),
             headers={"User-Agent": USER_AGENT},
@@ -537,6 +561,7 @@ class RegistryClient:
         if known is not None:
             return known
         if not (self._is_insecure(registry) or is_loopback(registry)):
+            self._load_trust()
             self._origins[registry] = f"https://{registry}"
             return self._origins[registry]
         lock = self._origin_locks.setdefault(registry, anyio.Lock())
@@ -545,7 +570,28 @@ class RegistryClient:
                 self._origins[registry] = await self._probe_origin(registry)
         return self._origins[registry]
 
+    def _load_trust(self) -> None:
+        if not self._trust_loaded:
+            _load_trust(self._tls, self.options.ca_bundle)
+            self._trust_loaded = True
+
     async def _probe_origin(self, registry: str) -> str:
+        if not self._is_insecure(registry):
+            # A loopback registry not named insecure: ask in plain HTTP first, which a TLS
+            # server refuses with a 400 (Go's "Client sent an HTTP request to an HTTPS server")
+            # or by closing the connection.
+            try:
+                response = await self._http.get(f"http://{registry}/v2/")
+                await response.aread()
+            except _CONNECTION_RESETS:
+                pass
+            except httpx.TransportError as e:
+                raise error_for_transport(e, registry) from e
+            else:
+                if not (response.status_code == 400 and b"HTTPS" in response.content):
+                    return f"http://{registry}"
+            self._load_trust()
+            return f"https://{registry}"
         try:
             response = await self._http.get(f"https://{registry}/v2/")
         except httpx.TransportError as e:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from signgate.errors import RegistryError
@@ -93,6 +93,27 @@ async def sign_image(
 ) -> list[SignedDigest]:
     """Sign the digest ``reference`` resolves to (and, recursively, an index's children)."""
     digests = await digests_to_sign(client, reference, recursive)
-    return [
-        await sign_digest(client, signer, reference, digest, annotations) for digest in digests
-    ]
+    return list(
+        await asyncio.gather(
+            *(sign_digest(client, signer, reference, digest, annotations) for digest in digests)
+        )
+    )
+
+
+async def sign_images(
+    client: RegistryClient,
+    signer: Signer,
+    references: Sequence[ImageReference],
+    annotations: Mapping[str, str] | None = None,
+    recursive: bool = False,
+    concurrency: int = 32,
+) -> list[SignedDigest]:
+    """Sign many images concurrently over the client's one connection pool."""
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(reference: ImageReference) -> list[SignedDigest]:
+        async with limit:
+            return await sign_image(client, signer, reference, annotations, recursive)
+
+    signed = await asyncio.gather(*(one(r) for r in references))
+    return [item for batch in signed for item in batch]

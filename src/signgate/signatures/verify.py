@@ -124,7 +124,10 @@ async def verify_image(
 ) -> ImageVerification:
     """Verify one image; registry failures become the verdict's error, never an exception."""
     try:
-        digest = await resolve_digest(client, reference)
+        # Fetched by digest too, as cosign does (go-containerregistry checks the digest of what
+        # it fetched): a registry serving other bytes under the digest fails verification.
+        manifest = await client.get_manifest(reference.repository, reference.identifier)
+        digest = manifest.digest
     except Error as e:
         return ImageVerification(reference, None, error=e.diagnostics())
     repository = signature_repo or signature_repository(reference.repository)
