@@ -537,6 +537,29 @@ def test_verify_several_images_where_some_fail(
     )
 
 
+def test_sign_several_images_where_some_fail(
+    keys: Keys, env: dict[str, str], registry: RunningRegistry, tmp_path: Path
+) -> None:
+    path = repo_name(tmp_path, "sign-several")
+    first = push(registry, path, "first", f"first {tmp_path.name}".encode())
+    second = push(registry, path, "second", f"second {tmp_path.name}".encode())
+    missing = [f"{registry.host}/{path}:missing{i}" for i in range(2)]
+    images = [missing[0], f"{registry.host}/{path}:first", missing[1],
+              f"{registry.host}/{path}:second"]
+    result = sg(env, "sign", "--key", str(keys.main.private), *images)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(error_lines(result)) == sorted(
+        f"signgate: {image}: manifest unknown" for image in missing
+    )
+    # The failures stopped nothing: both existing images were signed.
+    for tag, digest in (("first", first), ("second", second)):
+        assert_verified(
+            sg(env, "verify", "--key", str(keys.main.public), f"{registry.host}/{path}:{tag}"),
+            digest,
+        )
+
+
 # --- usage errors ------------------------------------------------------------------------------
 
 

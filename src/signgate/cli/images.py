@@ -71,7 +71,7 @@ def sign(
     """Sign IMAGE(s) by digest and push the signatures beside them."""
     from signgate.keys import load_signer, password_source
     from signgate.registry import RegistryClient
-    from signgate.signatures.sign import SignedDigest, sign_images
+    from signgate.signatures.sign import SignOutcome, sign_images
 
     if tlog_upload:
         raise UsageError("signgate does not upload to a transparency log; use --tlog-upload=false")
@@ -87,17 +87,24 @@ def sign(
                 err=True,
             )
 
-    async def sign_all() -> list[SignedDigest]:
+    async def sign_all() -> list[SignOutcome]:
         async with RegistryClient(registry.options_for(references)) as client:
             return await sign_images(client, signer, references, wanted, recursive)
 
-    for signed in run(sign_all()):
-        verb = "Already signed" if signed.already_signed else "Pushed signature"
-        click.echo(
-            f"{verb}: {signed.reference.repository}@{signed.digest} -> "
-            f"{signed.signature_location}",
-            err=True,
-        )
+    failures = 0
+    for outcome in run(sign_all()):
+        if outcome.error is not None:
+            failures += 1
+            click.echo(f"signgate: {failure_line(outcome.reference, outcome.error)}", err=True)
+        for signed in outcome.signed:
+            verb = "Already signed" if signed.already_signed else "Pushed signature"
+            click.echo(
+                f"{verb}: {signed.reference.repository}@{signed.digest} -> "
+                f"{signed.signature_location}",
+                err=True,
+            )
+    if failures:
+        sys.exit(1)
 
 
 @click.command()

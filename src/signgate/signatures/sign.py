@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from signgate.errors import RegistryError
+from signgate.errors import Error, RegistryError
 from signgate.keys.model import Signer
 from signgate.reference import ImageReference, Repository
 from signgate.registry import INDEX_MEDIA_TYPES, RegistryClient
@@ -100,20 +100,35 @@ async def sign_image(
     )
 
 
+@dataclass(frozen=True)
+class SignOutcome:
+    """What signing one image given on the command line did: digests signed, or why not."""
+
+    reference: ImageReference
+    signed: tuple[SignedDigest, ...] = ()
+    error: str | None = None
+
+
 async def sign_images(
     client: RegistryClient,
     signer: Signer,
     references: Sequence[ImageReference],
     annotations: Mapping[str, str] | None = None,
     recursive: bool = False,
-    concurrency: int = 32,
-) -> list[SignedDigest]:
-    """Sign many images concurrently over the client's one connection pool."""
+    concurrency: int = 8,
+) -> list[SignOutcome]:
+    """Sign many images concurrently over the client's one connection pool.
+
+    One image's failure does not stop the others: each outcome says what happened to it.
+    """
     limit = asyncio.Semaphore(concurrency)
 
-    async def one(reference: ImageReference) -> list[SignedDigest]:
+    async def one(reference: ImageReference) -> SignOutcome:
         async with limit:
-            return await sign_image(client, signer, reference, annotations, recursive)
+            try:
+                signed = await sign_image(client, signer, reference, annotations, recursive)
+            except Error as e:
+                return SignOutcome(reference, error=e.diagnostics())
+            return SignOutcome(reference, tuple(signed))
 
-    signed = await asyncio.gather(*(one(r) for r in references))
-    return [item for batch in signed for item in batch]
+    return list(await asyncio.gather(*(one(r) for r in references)))
