@@ -22,6 +22,7 @@ log: {level: warn}
 storage:
   filesystem: {rootdirectory: $WORK/registry}
   delete: {enabled: true}
+  cache: {blobdescriptor: inmemory}
 http: {addr: $REGISTRY}
 YAML
 docker-registry serve "$WORK/registry.yml" >"$WORK/registry.log" 2>&1 &

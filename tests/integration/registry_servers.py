@@ -234,6 +234,8 @@ def running_registry(
         "storage": {
             "filesystem": {"rootdirectory": str(storage)},
             "delete": {"enabled": True},
+            # As in Debian's default config.yml: the registry caches blob descriptors in memory.
+            "cache": {"blobdescriptor": "inmemory"},
             "maintenance": {"uploadpurging": {"enabled": False}},
         },
         "http": {"addr": host, "secret": "signgate-test-secret"},
