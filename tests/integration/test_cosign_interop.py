@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
+from signgate.keys import PublicKey
 from signgate.reference import Repository
 from signgate.registry import RegistryClient, RegistryOptions
 from signgate.registry.images import push_image, push_index
@@ -218,3 +219,45 @@ def test_triangulate_agrees_with_cosign(ws: Workspace) -> None:
     ours = ws.signgate("triangulate", image).stdout.strip()
     theirs = ws.cosign("triangulate", "--allow-insecure-registry", image).stdout.strip()
     assert ours == theirs
+
+
+def test_cosign_repository_is_honoured_both_ways(ws: Workspace) -> None:
+    ws.signgate("generate-key-pair", "--output-key-prefix", "sg")
+    ws.cosign("generate-key-pair", "--output-key-prefix", "co")
+    repo = unique(ws, "app")
+    signatures = unique(ws, "signatures")
+    digest = ws.push(repo, "v1", b"elsewhere")
+    image = f"{ws.host}/{repo}:v1"
+    ws.env["COSIGN_REPOSITORY"] = f"{ws.host}/{signatures}"
+    ws.signgate("sign", "--key", "sg.key", image)
+    ws.cosign_sign(Path("co.key"), image)
+    ws.cosign_verify(Path("sg.pub"), image)
+    ws.signgate("verify", "--key", "co.pub", image)
+    # Both signatures went to the other repository, none beside the image.
+    assert len(parse_layers(ws.signature_manifest(signatures, digest))) == 2
+    ours = ws.signgate("triangulate", image).stdout.strip()
+    assert ours == ws.cosign("triangulate", "--allow-insecure-registry", image).stdout.strip()
+    assert ours.startswith(f"{ws.host}/{signatures}:")
+    del ws.env["COSIGN_REPOSITORY"]
+    assert ws.signgate("verify", "--key", "sg.pub", image, check=False).returncode == 1
+
+
+def test_tree_names_the_key_of_each_signature(ws: Workspace) -> None:
+    ws.signgate("generate-key-pair", "--output-key-prefix", "sg")
+    ws.cosign("generate-key-pair", "--output-key-prefix", "co")
+    repo = unique(ws, "tree")
+    digest = ws.push(repo, "v1", b"tree")
+    image = f"{ws.host}/{repo}:v1"
+    ws.cosign_sign(Path("co.key"), image)
+    ws.signgate("sign", "--key", "sg.key", image)
+    expected = {
+        PublicKey.from_pem((ws.home / name).read_bytes()).key_id for name in ("sg.pub", "co.pub")
+    }
+    out = ws.signgate("tree", "--key", "sg.pub", "--key", "co.pub", image).stdout
+    assert f"{ws.host}/{repo}@{digest}" in out
+    assert f"{ws.host}/{repo}:{digest.replace(':', '-')}.sig" in out
+    named = [line for line in out.splitlines() if "(key " in line]
+    assert {line.rsplit("(key ", 1)[1].rstrip(")") for line in named} == expected
+    plain = ws.signgate("tree", image).stdout
+    assert "(key " not in plain
+    assert plain.count("sha256:") == 3  # the image digest and two signature layers
