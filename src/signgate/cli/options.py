@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from signgate.reference import ImageReference
-from signgate.registry import RegistryOptions
-from signgate.signatures.store import signature_repository
+
+if TYPE_CHECKING:
+    from signgate.registry import RegistryOptions
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -29,6 +29,10 @@ class RegistryFlags:
     ca_bundle: Path | None
 
     def options_for(self, references: Iterable[ImageReference]) -> RegistryOptions:
+        # Imported here so that `signgate COMMAND --help` does not load the network stack.
+        from signgate.registry import RegistryOptions
+        from signgate.signatures.store import signature_repository
+
         hosts = set()
         if self.insecure:
             hosts = {r.registry for r in references}
@@ -84,6 +88,8 @@ def registry_options(command: F) -> F:
 
 def run(coroutine: Awaitable[T]) -> T:
     """Run a command's async work to completion."""
+
+    import asyncio
 
     async def main() -> T:
         return await coroutine
