@@ -27,17 +27,17 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Error": "signgate.errors",
     "ImageReference": "signgate.reference",
-    "ImageVerification": "signgate.signatures",
+    "ImageVerification": "signgate.signatures.verify",
     "PublicKey": "signgate.keys",
     "RegistryClient": "signgate.registry",
     "RegistryOptions": "signgate.registry",
     "Repository": "signgate.reference",
-    "SignOutcome": "signgate.signatures",
-    "SignedDigest": "signgate.signatures",
+    "SignOutcome": "signgate.signatures.sign",
+    "SignedDigest": "signgate.signatures.sign",
     "Signer": "signgate.keys",
-    "attachment_tree": "signgate.signatures",
-    "build_payload": "signgate.signatures",
-    "clean": "signgate.signatures",
+    "attachment_tree": "signgate.signatures.attachments",
+    "build_payload": "signgate.signatures.payload",
+    "clean": "signgate.signatures.attachments",
     "fixed_password": "signgate.keys",
     "generate_key_pair": "signgate.keys.files",
     "import_key_pair": "signgate.keys.files",
@@ -45,10 +45,10 @@ _EXPORTS = {
     "load_public_keys": "signgate.keys",
     "load_signer": "signgate.keys",
     "password_source": "signgate.keys",
-    "sign_image": "signgate.signatures",
-    "sign_images": "signgate.signatures",
-    "verify_image": "signgate.signatures",
-    "verify_images": "signgate.signatures",
+    "sign_image": "signgate.signatures.sign",
+    "sign_images": "signgate.signatures.sign",
+    "verify_image": "signgate.signatures.verify",
+    "verify_images": "signgate.signatures.verify",
 }
 
 __all__ = [
@@ -92,18 +92,10 @@ if TYPE_CHECKING:
     from signgate.keys.files import generate_key_pair, import_key_pair
     from signgate.reference import ImageReference, Repository
     from signgate.registry import RegistryClient, RegistryOptions
-    from signgate.signatures import (
-        ImageVerification,
-        SignedDigest,
-        SignOutcome,
-        attachment_tree,
-        build_payload,
-        clean,
-        sign_image,
-        sign_images,
-        verify_image,
-        verify_images,
-    )
+    from signgate.signatures.attachments import attachment_tree, clean
+    from signgate.signatures.payload import build_payload
+    from signgate.signatures.sign import SignedDigest, SignOutcome, sign_image, sign_images
+    from signgate.signatures.verify import ImageVerification, verify_image, verify_images
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,6 @@
 """Async OCI distribution client used by every command (sign, verify, rotate, webhook)."""
 
-from signgate.registry.client import Manifest, RegistryClient, RegistryOptions
+from signgate.registry.client import IMAGE_CONCURRENCY, Manifest, RegistryClient, RegistryOptions
 from signgate.registry.mediatypes import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -11,6 +11,7 @@ from signgate.registry.mediatypes import (
 )
 
 __all__ = [
+    "IMAGE_CONCURRENCY",
     "DOCKER_MANIFEST",
     "DOCKER_MANIFEST_LIST",
     "INDEX_MEDIA_TYPES",

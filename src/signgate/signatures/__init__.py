@@ -1,43 +1,8 @@
-"""Signing and verifying images in cosign's classic format (``sha256-HEX.sig``)."""
+"""Signing and verifying images in cosign's classic format (``sha256-HEX.sig``).
 
-from signgate.signatures.attachments import (
-    Attachment,
-    AttachmentType,
-    CleanOutcome,
-    attachment_location,
-    attachment_tree,
-    clean,
-)
-from signgate.signatures.payload import SimpleSigningPayload, build_payload, parse_payload
-from signgate.signatures.sign import SignedDigest, SignOutcome, sign_digest, sign_image, sign_images
-from signgate.signatures.verify import (
-    ImageVerification,
-    SignatureCheck,
-    check_signature,
-    resolve_digest,
-    verify_image,
-    verify_images,
-)
-
-__all__ = [
-    "Attachment",
-    "AttachmentType",
-    "CleanOutcome",
-    "ImageVerification",
-    "SignOutcome",
-    "SignatureCheck",
-    "SignedDigest",
-    "SimpleSigningPayload",
-    "attachment_location",
-    "attachment_tree",
-    "build_payload",
-    "check_signature",
-    "clean",
-    "parse_payload",
-    "resolve_digest",
-    "sign_digest",
-    "sign_image",
-    "sign_images",
-    "verify_image",
-    "verify_images",
-]
+Modules: :mod:`~signgate.signatures.payload` and :mod:`~signgate.signatures.layout` (pure wire
+formats), :mod:`~signgate.signatures.store` (signature images in a registry),
+:mod:`~signgate.signatures.sign`, :mod:`~signgate.signatures.verify` and
+:mod:`~signgate.signatures.attachments` (clean, tree). Nothing is imported here, so that a
+command loads only the modules it uses; the top-level :mod:`signgate` package exports the API.
+"""

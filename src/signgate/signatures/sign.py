@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from signgate.errors import Error, RegistryError
 from signgate.keys.model import Signer
 from signgate.reference import ImageReference, Repository
-from signgate.registry import INDEX_MEDIA_TYPES, RegistryClient
+from signgate.registry import IMAGE_CONCURRENCY, INDEX_MEDIA_TYPES, RegistryClient
 from signgate.signatures.layout import SignatureLayer
 from signgate.signatures.payload import build_payload
 from signgate.signatures.store import (
@@ -115,7 +115,7 @@ async def sign_images(
     references: Sequence[ImageReference],
     annotations: Mapping[str, str] | None = None,
     recursive: bool = False,
-    concurrency: int = 8,
+    concurrency: int = IMAGE_CONCURRENCY,
 ) -> list[SignOutcome]:
     """Sign many images concurrently over the client's one connection pool.
 

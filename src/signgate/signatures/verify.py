@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from signgate.errors import Error, VerificationError
 from signgate.keys.model import PublicKey
 from signgate.reference import ImageReference, Repository
-from signgate.registry import RegistryClient
+from signgate.registry import IMAGE_CONCURRENCY, RegistryClient
 from signgate.signatures.layout import SIMPLE_SIGNING_MEDIA_TYPE, SignatureLayer
 from signgate.signatures.payload import SimpleSigningPayload, parse_payload
 from signgate.signatures.store import fetch_payload, read_signature_image, signature_repository
@@ -165,7 +165,7 @@ async def verify_images(
     references: Sequence[ImageReference],
     keys: Sequence[PublicKey],
     required_annotations: Mapping[str, str] | None = None,
-    concurrency: int = 64,
+    concurrency: int = IMAGE_CONCURRENCY,
 ) -> list[ImageVerification]:
     """Verify many images concurrently over the client's one connection pool."""
     limit = asyncio.Semaphore(concurrency)
