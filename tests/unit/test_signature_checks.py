@@ -111,3 +111,19 @@ def test_raw_r_s_signature_is_accepted_as_cosign_does() -> None:
     raw = r.to_bytes(32, "big") + s.to_bytes(32, "big")
     raw_layer = SignatureLayer.for_signature(payload, raw)
     assert check_signature(raw_layer, payload, [KEY_A], digest, {}).verified
+
+
+def test_predictable_payloads_are_the_bytes_signers_write() -> None:
+    from signgate.reference import Repository
+    from signgate.signatures.payload import build_payload
+    from signgate.signatures.verify import predictable_payloads
+
+    repository = Repository("reg.example", "team/app")
+    digest = "sha256:" + "ab" * 32
+    plain = build_payload("reg.example/team/app", digest)
+    annotated = build_payload("reg.example/team/app", digest, {"env": "prod"})
+    assert predictable_payloads(repository, digest, {}) == {sha256_digest(plain): plain}
+    assert predictable_payloads(repository, digest, {"env": "prod"}) == {
+        sha256_digest(plain): plain,
+        sha256_digest(annotated): annotated,
+    }

@@ -13,7 +13,6 @@ from signgate.registry import IMAGE_CONCURRENCY, INDEX_MEDIA_TYPES, RegistryClie
 from signgate.signatures.layout import SignatureLayer
 from signgate.signatures.payload import build_payload
 from signgate.signatures.store import (
-    fetch_payload,
     read_signature_image,
     signature_repository,
     write_signature_image,
@@ -66,10 +65,10 @@ async def sign_digest(
         image = await read_signature_image(client, repository, digest)
         layers = list(image.layers) if image else []
         for layer in layers:
+            # Same digest, same bytes: the stored payload is ours, no need to fetch it.
             if layer.digest != new_layer.digest:
                 continue
-            stored = await fetch_payload(client, repository, layer)
-            if check_signature(layer, stored, [public_key], digest, annotations or {}).verified:
+            if check_signature(layer, payload, [public_key], digest, annotations or {}).verified:
                 location = image.location if image else ""
                 return SignedDigest(reference, digest, location, already_signed=True)
         await write_signature_image(

@@ -6,12 +6,13 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from signgate.digests import compute_digest
 from signgate.errors import Error, VerificationError
 from signgate.keys.model import PublicKey
 from signgate.reference import ImageReference, Repository
 from signgate.registry import IMAGE_CONCURRENCY, RegistryClient
 from signgate.signatures.layout import SIMPLE_SIGNING_MEDIA_TYPE, SignatureLayer
-from signgate.signatures.payload import SimpleSigningPayload, parse_payload
+from signgate.signatures.payload import SimpleSigningPayload, build_payload, parse_payload
 from signgate.signatures.store import fetch_payload, read_signature_image, signature_repository
 
 
@@ -107,6 +108,22 @@ class ImageVerification:
         return min((c.reason or "" for c in self.checks), key=_rank)
 
 
+def predictable_payloads(
+    repository: Repository, digest: str, required_annotations: Mapping[str, str]
+) -> dict[str, bytes]:
+    """The payloads cosign and signgate write for ``repository@digest`` with no annotations or
+    with exactly the required ones, by their digest.
+
+    A signature layer whose descriptor names one of these digests holds exactly those bytes
+    (SHA-256 binds them), so verification need not fetch its blob: one request fewer per
+    image, and the blob is the slowest of the three to serve.
+    """
+    candidates = [build_payload(str(repository), digest)]
+    if required_annotations:
+        candidates.append(build_payload(str(repository), digest, required_annotations))
+    return {compute_digest(payload): payload for payload in candidates}
+
+
 async def resolve_digest(client: RegistryClient, reference: ImageReference) -> str:
     """The digest ``reference`` names; a tag is resolved by fetching and hashing the manifest."""
     if reference.digest:
@@ -137,8 +154,10 @@ async def verify_image(
             return ImageVerification(
                 reference, digest, error=f"no signatures found for {reference.repository}@{digest}"
             )
+        required = required_annotations or {}
+        known = predictable_payloads(reference.repository, digest, required)
         checks = await asyncio.gather(
-            *(_check_layer(client, repository, layer, keys, digest, required_annotations or {})
+            *(_check_layer(client, repository, layer, keys, digest, required, known)
               for layer in image.layers)
         )
     except Error as e:
@@ -153,10 +172,13 @@ async def _check_layer(
     keys: Sequence[PublicKey],
     digest: str,
     required_annotations: Mapping[str, str],
+    known_payloads: Mapping[str, bytes],
 ) -> SignatureCheck:
     if layer.media_type != SIMPLE_SIGNING_MEDIA_TYPE:
         return SignatureCheck(layer, reason=f"layer {layer.digest} is not a signature")
-    payload = await fetch_payload(client, repository, layer)
+    payload = known_payloads.get(layer.digest)
+    if payload is None:
+        payload = await fetch_payload(client, repository, layer)
     return check_signature(layer, payload, keys, digest, required_annotations)
 
 
