@@ -167,7 +167,15 @@ install_venv() {
     printf '%s\n' "$stamp" >"$stamp_file"
 }
 
+# Byte-compile the sources: an editable install never does, and machines that set
+# PYTHONDONTWRITEBYTECODE would otherwise compile every module on every command's start.
+compile_sources() {
+    "$VENV/bin/python" -m compileall -q src || die "python -m compileall src failed"
+    step "python: sources byte-compiled"
+}
+
 install_system_packages
 install_tools
 install_venv
+compile_sources
 step "done"

@@ -54,9 +54,9 @@ MAX_CONNECTIONS = 100
 # How many images the commands work on at once over one client. httpcore 1.0's pool bookkeeping
 # grows with the number of connections in flight (encode/httpcore#1035): past about a dozen the
 # client spends more CPU on the pool than on requests, and a local registry gets slower, not
-# faster (benchmarks/verify_bench.py). Ten concurrent images still hide a remote registry's
-# round trips ten times over.
-IMAGE_CONCURRENCY = 10
+# faster (benchmarks/verify_bench.py). Eight concurrent images still hide a remote registry's
+# round trips eight times over.
+IMAGE_CONCURRENCY = 8
 MAX_KEEPALIVE_CONNECTIONS = 20
 KEEPALIVE_SECONDS = 30.0
 DEFAULT_MAX_BLOB_BYTES = 64 << 20
