@@ -40,6 +40,10 @@ class UnsupportedKey(KeyMaterialError):
     """The key's algorithm or size is refused (weak or not supported)."""
 
 
+class KMSError(KeyMaterialError):
+    """A KMS, HSM or secret store refused or failed; the message names it and the key."""
+
+
 class KeyFileExists(KeyMaterialError):
     """Refusing to overwrite an existing key file without --force."""
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from signgate.errors import KeyFileExists
 from signgate.keys import files
 from signgate.keys.password import password_source
 from signgate.keys.refs import load_public_key
@@ -25,8 +26,26 @@ _PASSWORD_NOTE = (
     help="Write PREFIX.key and PREFIX.pub.",
 )
 @click.option("--force", is_flag=True, help=_FORCE_HELP)
-def generate_key_pair(output_key_prefix: str, force: bool) -> None:
-    """Generate an encrypted ECDSA P-256 key pair, as cosign does."""
+@click.option(
+    "--kms",
+    "kms_ref",
+    default=None,
+    help="Create the key in a KMS (e.g. hashivault://NAME, awskms:///alias/NAME, "
+    "pkcs11:token=T;object=O, k8s://NAMESPACE/SECRET) and write only PREFIX.pub.",
+)
+def generate_key_pair(output_key_prefix: str, force: bool, kms_ref: str | None) -> None:
+    """Generate an ECDSA P-256 key pair, as cosign does: encrypted in PREFIX.key, or in a KMS."""
+    if kms_ref is not None:
+        from signgate.keys.refs import create_key
+
+        pub_path = files.KeyPairFiles.for_prefix(output_key_prefix).public_key
+        if pub_path.exists() and not force:
+            raise KeyFileExists(f"{pub_path} already exists; pass --force to overwrite")
+        key = create_key(kms_ref, password_source(confirm=True))
+        files.write_public_key(pub_path, key, force=force)
+        click.echo(f"Key created in {kms_ref}", err=True)
+        click.echo(f"Public key written to {pub_path}", err=True)
+        return
     written = files.generate_key_pair(output_key_prefix, password_source(confirm=True), force=force)
     _report(written)
 
@@ -61,7 +80,7 @@ def import_key_pair(key_path: Path, output_key_prefix: str, force: bool) -> None
     "key_ref",
     "-k",
     required=True,
-    help="Key reference: a key file (private or public) or env://VAR.",
+    help="Key reference: a key file (private or public), env://VAR or a KMS URI.",
 )
 def public_key(key_ref: str) -> None:
     """Print the public key (PEM) of a key."""

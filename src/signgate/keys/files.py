@@ -73,6 +73,11 @@ def write_key_pair(
         raise
 
 
+def write_public_key(path: Path, key: PublicKey, *, force: bool) -> None:
+    """Write a public key PEM (mode 0644), refusing to overwrite without ``force``."""
+    _write(path, key.pem(), mode=PUBLIC_KEY_MODE, force=force)
+
+
 def read_private_key(path: Path, password: PasswordSource) -> SigningKeyTypes:
     """The private key in a cosign encrypted key file."""
     return decrypt_private_key(read_key_file(path), password(), source=str(path))

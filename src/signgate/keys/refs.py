@@ -7,11 +7,13 @@ recognised and refused with a clear message.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from signgate.errors import KeyMaterialError
 from signgate.keys.cosign_format import (
@@ -23,16 +25,35 @@ from signgate.keys.cosign_format import (
     parse_unencrypted_private_key,
 )
 from signgate.keys.files import read_key_file
+from signgate.keys.kms import BACKEND_MODULES
 from signgate.keys.model import PrivateKeySigner, PublicKey, Signer, SigningKeyTypes
 from signgate.keys.password import PasswordSource, password_source
 
 
+@runtime_checkable
 class KeyBackend(Protocol):
     """Where keys of one scheme live. ``location`` is the reference without ``scheme://``."""
 
     def signer(self, location: str, password: PasswordSource) -> Signer: ...
 
     def public_key(self, location: str, password: PasswordSource) -> PublicKey: ...
+
+
+@runtime_checkable
+class KeyCreator(Protocol):
+    """A backend that can make a new key (``generate-key-pair --kms URI``)."""
+
+    def create_key(self, location: str, password: PasswordSource) -> PublicKey:
+        """Create the key at ``location`` (non-exportable where the KMS allows) and return its
+        public key; refuse with :class:`~signgate.errors.KMSError` if it exists already."""
+        ...
+
+
+@runtime_checkable
+class VersionedKeys(Protocol):
+    """A backend whose keys have versions: every version a verifier should trust."""
+
+    def public_keys(self, location: str, password: PasswordSource) -> list[PublicKey]: ...
 
 
 class FileBackend:
@@ -65,8 +86,6 @@ KEY_BACKENDS: dict[str, KeyBackend] = {
     "env": EnvBackend(),
 }
 
-# cosign's other schemes, refused with "not supported yet" until their backend is added above.
-KMS_SCHEMES = ("awskms", "azurekms", "gcpkms", "hashivault", "k8s", "openbao", "pkcs11")
 
 _SCHEME = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$", re.DOTALL)
 # PKCS#11 URIs (RFC 7512) have no "//".
@@ -102,9 +121,28 @@ def load_public_key(ref: str, password: PasswordSource | None = None) -> PublicK
 def load_public_keys(
     refs: Iterable[str], password: PasswordSource | None = None
 ) -> list[PublicKey]:
-    """:func:`load_public_key` for each reference, in order, sharing one password source."""
+    """The public keys of each reference, in order, sharing one password source.
+
+    A reference to a versioned KMS key may stand for several versions (a verifier trusts all
+    the versions the reference names, which is how a key is rotated inside its KMS).
+    """
     shared = password or password_source(confirm=False)
-    return [load_public_key(ref, shared) for ref in refs]
+    keys: list[PublicKey] = []
+    for ref in refs:
+        backend, location = _backend_for(ref)
+        if isinstance(backend, VersionedKeys):
+            keys.extend(backend.public_keys(location, shared))
+        else:
+            keys.append(backend.public_key(location, shared))
+    return keys
+
+
+def create_key(ref: str, password: PasswordSource) -> PublicKey:
+    """Create a new key at a KMS reference; its public key."""
+    backend, location = _backend_for(ref)
+    if not isinstance(backend, KeyCreator):
+        raise KeyMaterialError(f"{ref}: keys cannot be created there; use a KMS reference")
+    return backend.create_key(location, password)
 
 
 def _backend_for(ref: str) -> tuple[KeyBackend, str]:
@@ -114,11 +152,25 @@ def _backend_for(ref: str) -> tuple[KeyBackend, str]:
     backend = KEY_BACKENDS.get(scheme)
     if backend is not None:
         return backend, location
-    spelled = "pkcs11:" if scheme == "pkcs11" else f"{scheme}://"
-    if scheme in KMS_SCHEMES:
-        raise KeyMaterialError(f"KMS scheme {spelled} is not supported yet")
-    supported = ", ".join(["a file path", *(f"{name}://" for name in sorted(KEY_BACKENDS) if name)])
-    raise KeyMaterialError(f"unknown key reference scheme {spelled}; supported: {supported}")
+    if scheme in BACKEND_MODULES:
+        return _kms_backend(scheme), location
+    schemes = sorted([*(name for name in KEY_BACKENDS if name), *BACKEND_MODULES])
+    supported = ", ".join(["a file path", *(_spelled(name) for name in schemes)])
+    raise KeyMaterialError(
+        f"unknown key reference scheme {_spelled(scheme)}; supported: {supported}"
+    )
+
+
+def _spelled(scheme: str) -> str:
+    return "pkcs11:" if scheme == "pkcs11" else f"{scheme}://"
+
+
+@functools.cache
+def _kms_backend(scheme: str) -> KeyBackend:
+    module = importlib.import_module(f"signgate.keys.kms.{BACKEND_MODULES[scheme][0]}")
+    backend = module.backend(scheme)
+    assert isinstance(backend, KeyBackend)
+    return backend
 
 
 def _read_env(name: str) -> bytes:
