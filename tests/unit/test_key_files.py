@@ -281,12 +281,9 @@ def test_cli_wrong_password_is_one_line_without_the_password(tmp_path: Path) -> 
             "cannot read key file missing.key: No such file or directory",
         ),
         (
-            ["public-key", "--key", "hashivault://release"],
-            "KMS scheme hashivault:// is not supported yet",
-        ),
-        (
             ["public-key", "--key", "ftp://x"],
-            "unknown key reference scheme ftp://; supported: a file path, env://",
+            "unknown key reference scheme ftp://; supported: a file path, awskms://, "
+            "azurekms://, env://, gcpkms://, hashivault://, k8s://, openbao://, pkcs11:",
         ),
         (
             ["public-key", "--key", str(vector("encrypted-keys", "cosign-ci-test.key"))],
