@@ -231,3 +231,32 @@ def test_larger_curves_also_accept_sha256_as_cosign_2_signs(curve: ec.EllipticCu
     public = PublicKey(private.public_key())
     assert public.verify(private.sign(PAYLOAD, ec.ECDSA(hashes.SHA256())), PAYLOAD)
     assert not public.verify(private.sign(PAYLOAD, ec.ECDSA(hashes.SHA224())), PAYLOAD)
+
+
+@pytest.mark.parametrize(
+    ("ref", "shown"),
+    [
+        ("cosign.key", "cosign.key"),
+        ("hashivault://release?version=2", "hashivault://release?version=2"),
+        (
+            "pkcs11:token=T;object=O?module-path=/lib/x.so&pin-value=1234",
+            "pkcs11:token=T;object=O?module-path=/lib/x.so&pin-value=***",
+        ),
+        (
+            "pkcs11:token=T;object=O?pin-value=1234;module-path=/m",
+            "pkcs11:token=T;object=O?pin-value=***;module-path=/m",
+        ),
+    ],
+)
+def test_display_key_ref_hides_pins(ref: str, shown: str) -> None:
+    from signgate.keys.refs import display_key_ref
+
+    assert display_key_ref(ref) == shown
+
+
+def test_missing_sdk_names_the_extra() -> None:
+    from signgate.errors import KMSError
+    from signgate.keys.kms import require_extra
+
+    with pytest.raises(KMSError, match=r"pkcs11: keys need .*pip install 'signgate\[pkcs11\]'"):
+        require_extra("no_such_sdk_module", "pkcs11", "pkcs11")

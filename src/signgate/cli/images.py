@@ -238,6 +238,7 @@ def clean(
 ) -> None:
     """Remove IMAGE's signatures (all, or only KEY's), attestations and SBOMs."""
     from signgate.keys import load_public_key
+    from signgate.keys.refs import display_key_ref
     from signgate.registry import RegistryClient
     from signgate.signatures.attachments import AttachmentType, CleanOutcome
     from signgate.signatures.attachments import clean as clean_attachments
@@ -253,7 +254,7 @@ def clean(
     key = load_public_key(key_ref) if key_ref is not None else None
     if not force:
         attachments = "attachments" if kind == "all" else f"{kind} attachments"
-        what = f"the signatures by {key_ref}" if key_ref else f"all {attachments}"
+        what = f"the signatures by {display_key_ref(key_ref)}" if key_ref else f"all {attachments}"
         if not sys.stdin.isatty():
             raise UsageError(f"refusing to remove {what} of {reference} without -f")
         click.confirm(f"Remove {what} of {reference}?", abort=True)

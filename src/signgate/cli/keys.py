@@ -36,14 +36,14 @@ _PASSWORD_NOTE = (
 def generate_key_pair(output_key_prefix: str, force: bool, kms_ref: str | None) -> None:
     """Generate an ECDSA P-256 key pair, as cosign does: encrypted in PREFIX.key, or in a KMS."""
     if kms_ref is not None:
-        from signgate.keys.refs import create_key
+        from signgate.keys.refs import create_key, display_key_ref
 
         pub_path = files.KeyPairFiles.for_prefix(output_key_prefix).public_key
         if pub_path.exists() and not force:
             raise KeyFileExists(f"{pub_path} already exists; pass --force to overwrite")
         key = create_key(kms_ref, password_source(confirm=True))
         files.write_public_key(pub_path, key, force=force)
-        click.echo(f"Key created in {kms_ref}", err=True)
+        click.echo(f"Key created in {display_key_ref(kms_ref)}", err=True)
         click.echo(f"Public key written to {pub_path}", err=True)
         return
     written = files.generate_key_pair(output_key_prefix, password_source(confirm=True), force=force)

@@ -102,6 +102,23 @@ def split_key_ref(ref: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
+# Query attributes that carry a secret (RFC 7512's PIN); never shown back to a person.
+_SECRET_ATTRIBUTES = ("pin-value",)
+
+
+def display_key_ref(ref: str) -> str:
+    """``ref`` as it may be printed: secret query attributes replaced by ``***``."""
+    head, sep, query = ref.partition("?")
+    if not sep:
+        return ref
+    attributes = re.split(r"([&;])", query)
+    shown = [
+        f"{item.partition('=')[0]}=***" if item.partition("=")[0] in _SECRET_ATTRIBUTES else item
+        for item in attributes
+    ]
+    return head + sep + "".join(shown)
+
+
 def load_signer(ref: str, password: PasswordSource) -> Signer:
     """A signer for the private key at ``ref``; ``password`` is called only if it is needed."""
     backend, location = _backend_for(ref)

@@ -41,8 +41,9 @@ def require_extra(module: str, extra: str, scheme: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as e:
+        spelled = "pkcs11:" if scheme == "pkcs11" else f"{scheme}://"
         raise KMSError(
-            f"{scheme}:// keys need the {module!r} package: pip install 'signgate[{extra}]'"
+            f"{spelled} keys need the {module!r} package: pip install 'signgate[{extra}]'"
         ) from e
 
 
