@@ -246,6 +246,8 @@ def test_larger_curves_also_accept_sha256_as_cosign_2_signs(curve: ec.EllipticCu
             "pkcs11:token=T;object=O?pin-value=1234;module-path=/m",
             "pkcs11:token=T;object=O?pin-value=***;module-path=/m",
         ),
+        ("pkcs11:token=t;pin-value=secret?module-path=/m", "pkcs11:token=t;pin-value=***?module-path=/m"),  # noqa: E501
+        ("awskms://user:hunter2@kms.example/alias/x", "awskms://user:***@kms.example/alias/x"),
     ],
 )
 def test_display_key_ref_hides_pins(ref: str, shown: str) -> None:

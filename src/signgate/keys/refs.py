@@ -102,21 +102,15 @@ def split_key_ref(ref: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
-# Query attributes that carry a secret (RFC 7512's PIN); never shown back to a person.
-_SECRET_ATTRIBUTES = ("pin-value",)
+# A PKCS#11 PIN (RFC 7512 pin-value, in the path or the query) and a URL's userinfo password.
+_SECRET_IN_REFERENCE = re.compile(r"(pin-value=)[^;&?]*|(://[^/@:]*:)[^/@]*(@)")
 
 
 def display_key_ref(ref: str) -> str:
-    """``ref`` as it may be printed: secret query attributes replaced by ``***``."""
-    head, sep, query = ref.partition("?")
-    if not sep:
-        return ref
-    attributes = re.split(r"([&;])", query)
-    shown = [
-        f"{item.partition('=')[0]}=***" if item.partition("=")[0] in _SECRET_ATTRIBUTES else item
-        for item in attributes
-    ]
-    return head + sep + "".join(shown)
+    """``ref`` as messages and logs may show it: PINs and URL passwords replaced by ``***``."""
+    return _SECRET_IN_REFERENCE.sub(
+        lambda m: f"{m[1]}***" if m[1] else f"{m[2]}***{m[3]}", ref
+    )
 
 
 def load_signer(ref: str, password: PasswordSource) -> Signer:
