@@ -82,3 +82,11 @@ class DigestMismatch(RegistryError):
 
 class VerificationError(Error):
     """An image has no signature that verifies under the given keys and requirements."""
+
+
+class PolicyError(Error):
+    """The policy file cannot be used; the message names the file, line and field."""
+
+
+class MalformedReview(Error):
+    """An AdmissionReview is not one the webhook can answer (the server replies 400)."""
