@@ -50,6 +50,7 @@ from typing import Any
 import yaml
 
 from signgate.errors import PolicyError
+from signgate.keys.refs import display_key_ref
 from signgate.reference import (
     DEFAULT_REGISTRY,
     DOCKER_HUB_ALIASES,
@@ -132,16 +133,6 @@ def normalise_image_pattern(pattern: str) -> str:
     return f"{DEFAULT_REGISTRY}/{pattern}"
 
 
-_SECRET_IN_REFERENCE_RE = re.compile(r"(pin-value=)[^;&?]*|(://[^/@:]*:)[^/@]*(@)")
-
-
-def display_key_reference(reference: str) -> str:
-    """A key reference as messages and logs may show it: PKCS#11 PINs and URL passwords hidden."""
-    return _SECRET_IN_REFERENCE_RE.sub(
-        lambda m: f"{m[1]}***" if m[1] else f"{m[2]}***{m[3]}", reference
-    )
-
-
 @dataclass(frozen=True)
 class NamespaceSelector:
     """Namespaces a rule applies to: any of ``include`` (all when empty) and none of ``exclude``."""
@@ -206,7 +197,7 @@ class Rule:
 
     def requirement(self) -> str:
         """What the rule requires, for a person: which keys, how many, which annotations."""
-        keys = ", ".join(display_key_reference(k) for k in self.keys)
+        keys = ", ".join(display_key_ref(k) for k in self.keys)
         if len(self.keys) == 1:
             text = f"a signature by key {keys}"
         elif self.threshold == 1:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from tests.integration.registry_servers import (
     running_registry,
 )
 from tests.integration.token_server import TokenServer
+from tests.integration.tools import tool_path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_USERNAME = "signgate-user"
 TEST_PASSWORD = "correct horse battery staple"
 
@@ -79,11 +78,4 @@ def token_registry(
 @pytest.fixture(scope="session")
 def cosign_binaries() -> dict[str, Path]:
     """The real cosign CLIs: "cosign2" and "cosign3" from $SIGNGATE_TOOLS (default .tools/bin)."""
-    tools = Path(os.environ.get("SIGNGATE_TOOLS", REPO_ROOT / ".tools" / "bin"))
-    binaries = {}
-    for name in ("cosign2", "cosign3"):
-        binary = tools / name
-        if not os.access(binary, os.X_OK):
-            pytest.fail(f"{name} not found in {tools}; run scripts/setup.sh")
-        binaries[name] = binary
-    return binaries
+    return {name: tool_path(name) for name in ("cosign2", "cosign3")}

@@ -6,7 +6,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import re
 import subprocess
 import tarfile
@@ -37,10 +36,10 @@ from signgate.registry.mediatypes import (
     OCI_MANIFEST,
 )
 from tests.integration.registry_servers import RunningRegistry
+from tests.integration.tools import tool_path
 
 pytestmark = pytest.mark.integration
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 CONTENT = b"hello from signgate\n"
 PLATFORMS = [("linux", "amd64"), ("linux", "arm64"), ("linux", "arm/v7")]
 
@@ -59,11 +58,7 @@ def file_in_layer(layer: bytes) -> tuple[str, bytes]:
 
 @pytest.fixture(scope="session")
 def oras_binary() -> Path:
-    tools = Path(os.environ.get("SIGNGATE_TOOLS", REPO_ROOT / ".tools" / "bin"))
-    binary = tools / "oras"
-    if not os.access(binary, os.X_OK):
-        pytest.fail(f"oras not found in {tools}; run scripts/setup.sh")
-    return binary
+    return tool_path("oras")
 
 
 @pytest.fixture

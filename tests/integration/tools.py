@@ -8,6 +8,18 @@ import sys
 from pathlib import Path
 
 SIGNGATE = Path(sys.executable).with_name("signgate")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TOOLS = Path(os.environ.get("SIGNGATE_TOOLS", REPO_ROOT / ".tools" / "bin"))
+
+
+def tool_path(name: str) -> Path:
+    """A real CLI from $SIGNGATE_TOOLS (cosign2, cosign3, oras); the test fails if it is missing."""
+    import pytest
+
+    binary = TOOLS / name
+    if not os.access(binary, os.X_OK):
+        pytest.fail(f"{name} not found in {TOOLS}; run scripts/setup.sh")
+    return binary
 
 
 def tool_env(home: Path, **extra: str) -> dict[str, str]:

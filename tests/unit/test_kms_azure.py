@@ -58,9 +58,8 @@ from signgate.registry.images import push_image
 from signgate.signatures.sign import sign_image
 from signgate.signatures.verify import ImageVerification, verify_image
 from tests.integration.registry_servers import RunningRegistry, running_registry
-from tests.integration.tools import run, tool_env
+from tests.integration.tools import run, tool_env, tool_path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PAYLOAD = b'{"critical":{"type":"cosign container image signature"},"optional":null}'
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.double-token-secret.signature"
@@ -807,10 +806,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegist
 
 
 def cosign2() -> Path:
-    tools = Path(os.environ.get("SIGNGATE_TOOLS", REPO_ROOT / ".tools" / "bin"))
-    if not os.access(tools / "cosign2", os.X_OK):
-        pytest.fail(f"cosign2 not found in {tools}; run scripts/setup.sh")
-    return tools / "cosign2"
+    return tool_path("cosign2")
 
 
 @pytest.mark.integration

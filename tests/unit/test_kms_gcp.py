@@ -10,7 +10,6 @@ keys: what it returns verifies, or fails to, for real.
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -41,7 +40,7 @@ from signgate.registry.images import push_image
 from signgate.signatures.sign import sign_image
 from signgate.signatures.verify import ImageVerification, verify_image
 from tests.integration.registry_servers import RunningRegistry, running_registry
-from tests.integration.tools import run, tool_env
+from tests.integration.tools import run, tool_env, tool_path
 
 SigningKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 Algorithm = kms_v1.CryptoKeyVersion.CryptoKeyVersionAlgorithm
@@ -50,7 +49,6 @@ Purpose = kms_v1.CryptoKey.CryptoKeyPurpose
 
 RING = "projects/signgate-test/locations/europe-west1/keyRings/release"
 KEY = f"{RING}/cryptoKeys/signer"
-REPO_ROOT = Path(__file__).resolve().parents[2]
 PAYLOAD = b'{"critical":{"type":"cosign container image signature"},"optional":null}'
 
 
@@ -806,10 +804,7 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRegist
 
 
 def cosign2() -> Path:
-    tools = Path(os.environ.get("SIGNGATE_TOOLS", REPO_ROOT / ".tools" / "bin"))
-    if not os.access(tools / "cosign2", os.X_OK):
-        pytest.fail(f"cosign2 not found in {tools}; run scripts/setup.sh")
-    return tools / "cosign2"
+    return tool_path("cosign2")
 
 
 @pytest.mark.integration

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from signgate.errors import Error, PolicyError
+from signgate.keys.refs import display_key_ref
 from signgate.policy import (
     Action,
     Mode,
     NamespaceSelector,
     Policy,
     Rule,
-    display_key_reference,
     load_policy,
     normalise_image_pattern,
     parse_policy,
@@ -637,7 +637,7 @@ def test_rules_built_in_code_keep_the_same_invariants(
     ],
 )  # fmt: skip
 def test_key_references_shown_without_secrets(reference: str, shown: str) -> None:
-    assert display_key_reference(reference) == shown
+    assert display_key_ref(reference) == shown
 
 
 @pytest.mark.parametrize(
