@@ -99,6 +99,8 @@ class RegistryOptions:
     transport: httpx.AsyncBaseTransport | None = None
     retry_backoff_seconds: float = 0.5  # doubled at each retry
     max_retry_wait_seconds: float = 60.0  # bound on any one wait, Retry-After included
+    # Told each response's status, or "error" for a transport failure (the webhook's metrics).
+    on_response: Callable[[int | str], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -592,6 +594,7 @@ class RegistryClient:
             except _CONNECTION_RESETS:
                 pass
             except httpx.TransportError as e:
+                self._observe("error")
                 raise error_for_transport(e, registry) from e
             else:
                 if not (response.status_code == 400 and b"HTTPS" in response.content):
@@ -605,6 +608,7 @@ class RegistryClient:
                 tls_protocol_error(e) is not None or isinstance(e, _CONNECTION_RESETS)
             ):
                 return f"http://{registry}"
+            self._observe("error")
             raise error_for_transport(e, registry) from e
         await response.aclose()
         return f"https://{registry}"
@@ -617,6 +621,10 @@ class RegistryClient:
                 lookup_credentials, registry, self.options.docker_config_dir
             )
         return self._credentials[registry]
+
+    def _observe(self, status: int | str) -> None:
+        if self.options.on_response is not None:
+            self.options.on_response(status)
 
     def _retry_wait(self, response: httpx.Response, attempt: int) -> float:
         wait = retry_after_seconds(response.headers)
@@ -659,6 +667,7 @@ class RegistryClient:
                     request, auth=auth, stream=True, follow_redirects=follow_redirects
                 )
             except httpx.TransportError as e:
+                self._observe("error")
                 reset = idempotent and isinstance(e, _CONNECTION_RESETS)
                 if reset and attempt < self.options.max_retries:
                     await anyio.sleep(self.options.retry_backoff_seconds * 2**attempt)
@@ -668,6 +677,7 @@ class RegistryClient:
             except httpx.HTTPError as e:
                 raise RegistryError(f"{subject}: {one_line(str(e))}") from e
             status = response.status_code
+            self._observe(status)
             retryable = status == 429 or (idempotent and status in _RETRIED_STATUSES)
             if retryable and attempt < self.options.max_retries:
                 wait = self._retry_wait(response, attempt)

@@ -1,0 +1,98 @@
+"""The webhook's Prometheus metrics, in a registry of their own (no process-wide globals).
+
+:class:`~signgate.webhook.controller.AdmissionController` records admissions, cache lookups and
+registry responses; the ASGI app only renders them for ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+# Cached answers take well under a millisecond; the deadline is 8 s by default.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 8.0, 10.0
+)
+
+
+def is_registry_error(status: int | str) -> bool:
+    """Whether a registry response says the registry is in trouble: a transport failure
+    (``"error"``), a rate limit or a server error. 401 is the normal start of a token login
+    and 404 a normal answer ("no signatures"), so neither counts."""
+    if isinstance(status, str):
+        return True
+    return status == 429 or status >= 500
+
+
+class WebhookMetrics:
+    """Admissions by result with their latency, cache hits and misses, registry responses."""
+
+    def __init__(self) -> None:
+        # Imported here: the controller (and so `signgate check`) uses is_registry_error without
+        # paying for prometheus_client.
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry: CollectorRegistry = CollectorRegistry(auto_describe=True)
+        self._admissions = Counter(
+            "signgate_admissions",
+            "Admission reviews answered, by result (allowed, warned, denied, error).",
+            ["result"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "signgate_admission_duration_seconds",
+            "Time to answer one admission review.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._cache = Counter(
+            "signgate_cache_lookups",
+            "Cache lookups by cache (verdict, tag) and result (hit, miss).",
+            ["cache", "result"],
+            registry=self.registry,
+        )
+        self._registry_responses = Counter(
+            "signgate_registry_responses",
+            "Registry HTTP responses by status; 'error' for a transport failure.",
+            ["status"],
+            registry=self.registry,
+        )
+        self._registry_errors = Counter(
+            "signgate_registry_errors",
+            "Registry responses that say the registry is failing (429, 5xx, transport errors), "
+            "by status.",
+            ["status"],
+            registry=self.registry,
+        )
+
+    def observe_admission(self, verdict: str, seconds: float) -> None:
+        self._admissions.labels(verdict).inc()
+        self._latency.observe(seconds)
+
+    def cache(self, name: str, hit: bool) -> None:
+        self._cache.labels(name, "hit" if hit else "miss").inc()
+
+    def registry_response(self, status: int | str) -> None:
+        label = str(status)
+        self._registry_responses.labels(label).inc()
+        if is_registry_error(status):
+            self._registry_errors.labels(label).inc()
+
+    def registry_requests(self) -> int:
+        """Registry responses and transport failures seen so far, all statuses together."""
+        return int(
+            sum(
+                sample.value
+                for metric in self._registry_responses.collect()
+                for sample in metric.samples
+                if sample.name.endswith("_total")
+            )
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        """The body and content type of ``GET /metrics``."""
+        from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
