@@ -1,0 +1,281 @@
+"""``signgate serve``'s shell: the webhook application on uvicorn (httptools, uvloop) over TLS.
+
+- The serving certificate and key are reloaded when their files change (cert-manager and
+  Kubernetes Secret volumes replace them in place); a pair that does not load keeps the old one
+  and logs an error.
+- SIGTERM stops accepting connections and finishes the reviews in flight (up to
+  ``shutdown_grace_seconds``), then the process exits 0.
+- Every log line, uvicorn's included, is one JSON object on stderr; each decision is one line
+  with its fields (:func:`signgate.webhook.app.decision_fields`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import ssl
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from signgate.errors import UsageError
+from signgate.webhook.app import WebhookApp
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from signgate.policy import Policy
+    from signgate.registry import RegistryOptions
+    from signgate.webhook.controller import AdmissionController, ControllerSettings
+
+log = logging.getLogger("signgate.webhook.server")
+
+# Longer than the API server's idle connection timeout (90 s, Go's http.Transport as
+# k8s.io/apimachinery configures it), so that the client, never the server, closes an idle
+# connection: a review POSTed on a connection the server has just closed is not retried, and
+# fails the admission.
+KEEP_ALIVE_SECONDS = 120
+
+_FileState = tuple[int, int, int, int] | None  # (device, inode, size, mtime_ns); None if missing
+
+
+def _file_state(path: Path) -> _FileState:
+    try:
+        stat = path.stat()  # follows symlinks: a Secret volume swaps its ..data link
+    except OSError:
+        return None
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise UsageError(
+            f"cannot use the TLS certificate {cert_file} with the key {key_file}: "
+            f"{_pair_problem(cert_file, key_file, e)}"
+        ) from e
+    return context
+
+
+def _pair_problem(cert_file: Path, key_file: Path, error: OSError) -> str:
+    """Why OpenSSL refused the pair, in words (it says only "PEM lib" for most problems)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    if isinstance(error, ssl.SSLError) and error.reason == "KEY_VALUES_MISMATCH":
+        return "the key is not the certificate's key"
+    try:
+        cert_pem, key_pem = cert_file.read_bytes(), key_file.read_bytes()
+    except OSError as e:
+        return f"{e.filename}: {e.strerror}"
+    try:
+        x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        return "the certificate file holds no PEM certificate"
+    try:
+        serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        return "the key file holds no unencrypted PEM private key"
+    return error.strerror or str(error)
+
+
+class ReloadingCertificate:
+    """The serving certificate and key, re-read when either file changes.
+
+    The listener's SSLContext stays the one uvicorn was given. Each reload builds a new context
+    from the files, and the listener's ``sni_callback`` (which OpenSSL calls on every
+    handshake, with or without SNI) hands each new connection the newest context. A fresh
+    context, rather than ``load_cert_chain`` into the live one, because a pair that fails to
+    load there leaves the live context with the new certificate and no key: every handshake
+    after it would fail.
+    """
+
+    def __init__(self, cert_file: Path, key_file: Path) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self._state = self._files_state()
+        self.listener_context = _server_context(cert_file, key_file)
+        self.listener_context.sni_callback = self._select_context
+        self._current = self.listener_context
+        self.last_error: str | None = None
+
+    def _files_state(self) -> tuple[_FileState, _FileState]:
+        return _file_state(self.cert_file), _file_state(self.key_file)
+
+    def _select_context(
+        self, connection: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
+    ) -> None:
+        if self._current is not context:
+            connection.context = self._current
+
+    def reload_if_changed(self) -> bool:
+        """Load the pair again if a file changed since the last look; True when a new pair
+        now serves. A pair that does not load is logged and the old one kept."""
+        state = self._files_state()
+        if state == self._state:
+            return False
+        # Remembered before reading: a file replaced while we read it is read again next time.
+        self._state = state
+        try:
+            context = _server_context(self.cert_file, self.key_file)
+        except UsageError as e:
+            self.last_error = e.diagnostics()
+            log.error("kept the previous TLS certificate: %s", self.last_error)
+            return False
+        context.sni_callback = self._select_context
+        self._current = context
+        self.last_error = None
+        log.info("loaded the new TLS certificate from %s", self.cert_file)
+        return True
+
+    async def watch(self, interval_seconds: float) -> None:
+        """Check the files every ``interval_seconds`` until cancelled."""
+        while True:
+            await asyncio.sleep(interval_seconds)
+            self.reload_if_changed()
+
+    def readiness_problems(self) -> list[str]:
+        """The listener always has a loaded pair (the process does not start without one), so
+        a failed reload is logged, not a readiness problem: the old pair still serves."""
+        return []
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What ``signgate serve`` was asked to do."""
+
+    policy: Policy
+    registry: RegistryOptions
+    controller: ControllerSettings
+    tls_cert: Path
+    tls_key: Path
+    host: str = "0.0.0.0"  # noqa: S104 - a webhook serves the cluster network
+    port: int = 8443
+    tls_reload_seconds: float = 5.0
+    shutdown_grace_seconds: float = 15.0
+    log_level: str = "info"
+
+
+def serve(settings: ServeSettings) -> None:
+    """Serve the webhook until SIGTERM or SIGINT; return after the reviews in flight finish."""
+    import uvicorn
+    import uvloop
+
+    from signgate.webhook.controller import AdmissionController
+    from signgate.webhook.metrics import WebhookMetrics
+
+    configure_logging(settings.log_level)
+    certificate = ReloadingCertificate(settings.tls_cert, settings.tls_key)
+    metrics = WebhookMetrics()
+    controller = AdmissionController(
+        settings.policy, settings.registry, settings.controller, metrics=metrics
+    )
+    app = WebhookApp(controller, metrics, readiness=certificate.readiness_problems)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="none",  # the loop is ours: uvloop, below
+        http="httptools",
+        lifespan="off",
+        log_config=None,  # configure_logging's JSON lines
+        access_log=False,  # one line per decision instead; probes would drown it
+        server_header=False,
+        proxy_headers=False,  # the API server calls directly; no proxy to trust
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        ssl_context_factory=lambda _config, _default: certificate.listener_context,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_seconds),
+    )
+    server = uvicorn.Server(config)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        server.should_exit = True
+
+    # uvicorn installs its own handlers while it serves and, once it has shut down, raises the
+    # signal it caught again with the previous handlers: these, which exit cleanly (status 0)
+    # where Python's defaults would kill the process or raise KeyboardInterrupt.
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_run(server, controller, certificate, settings.tls_reload_seconds))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+async def _run(
+    server: uvicorn.Server,
+    controller: AdmissionController,
+    certificate: ReloadingCertificate,
+    reload_seconds: float,
+) -> None:
+    """Serve until ``server`` is told to exit; raise what made the controller fail to start
+    (it then stops the server) once the server has stopped."""
+    loop = type(asyncio.get_running_loop()).__module__.partition(".")[0]
+    log.info("signgate webhook starting", extra={"fields": {"pid": os.getpid(), "loop": loop}})
+    # The listener opens while the keys load: /healthz answers, /readyz says why not yet.
+    starting = asyncio.create_task(controller.start())
+    starting.add_done_callback(functools.partial(_stop_unless_started, server))
+    watching = asyncio.create_task(certificate.watch(reload_seconds))
+    try:
+        await server.serve()
+    finally:
+        starting.cancel()
+        watching.cancel()
+        outcomes = await asyncio.gather(starting, watching, return_exceptions=True)
+        await controller.aclose()
+    log.info("signgate webhook stopped")
+    if isinstance(outcomes[0], Exception):
+        raise outcomes[0]
+
+
+def _stop_unless_started(server: uvicorn.Server, starting: asyncio.Task[None]) -> None:
+    if not starting.cancelled() and starting.exception() is not None:
+        log.error("the admission controller could not start; stopping")
+        server.should_exit = True
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the record's ``fields``, and
+    the traceback of an exception."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+def configure_logging(level: str = "info") -> None:
+    """Send every logger's records, as JSON lines, to stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # A line for each registry request would bury the decisions; failures reach the decisions.
+    for chatty in ("httpx", "httpcore"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
