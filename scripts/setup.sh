@@ -16,7 +16,7 @@ VENV=$ROOT/.venv
 PYTHON=${PYTHON:-python3}
 
 SYSTEM_PACKAGES=(docker-registry apache2-utils openssl ca-certificates python3-venv
-    debian-archive-keyring time softhsm2)
+    debian-archive-keyring time softhsm2 hey)
 DEBIAN_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
 # name in .tools/bin | Debian package | suite | version prefix | path inside the .deb
