@@ -43,6 +43,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -56,6 +57,7 @@ from signgate.reference import (
     DOCKER_HUB_ALIASES,
     OFFICIAL_REPOSITORY_PREFIX,
     ImageReference,
+    Repository,
 )
 
 
@@ -212,6 +214,9 @@ class Rule:
         return text
 
 
+_RULE_MEMO_ENTRIES = 16384
+
+
 @dataclass(frozen=True)
 class Policy:
     """A validated policy; ``rules`` in the file's order (the first that applies wins)."""
@@ -222,10 +227,23 @@ class Policy:
 
     def rule_for(self, image: ImageReference, namespace: str) -> Rule | None:
         """The first rule that applies to ``image`` in ``namespace``, or None (``unmatched``)."""
-        for rule in self.rules:
-            if rule.namespaces.selects(namespace) and rule.matches(image):
-                return rule
-        return None
+        key = (image.repository, namespace)
+        memo = self._rule_memo
+        if key in memo:
+            return memo[key]
+        found = next(
+            (r for r in self.rules if r.namespaces.selects(namespace) and r.matches(image)), None
+        )
+        if len(memo) >= _RULE_MEMO_ENTRIES:
+            memo.clear()
+        memo[key] = found
+        return found
+
+    @cached_property
+    def _rule_memo(self) -> dict[tuple[Repository, str], Rule | None]:
+        # Every review asks rule_for for each of its images, mostly the same few hundred: the
+        # answer depends only on this (immutable) policy, the repository and the namespace.
+        return {}
 
     def key_references(self) -> tuple[str, ...]:
         """Every key reference of every rule, once each, in the file's order (to load at start)."""

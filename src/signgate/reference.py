@@ -10,6 +10,7 @@ the ``docker-reference`` of every signature payload.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -148,25 +149,7 @@ class ImageReference:
         A reference with both tag and digest keeps both (the digest is what gets pulled).
         Without either, ``tag`` stays None and :attr:`identifier` is ``latest``.
         """
-        if not text:
-            raise _invalid(text, "empty")
-        if _IMAGE_ID_RE.fullmatch(text):
-            raise _invalid(text, "a 64-character hex string is an image ID, not a repository name")
-        name_and_tag, at, digest = text.partition("@")
-        if at and (problem := _digest_problem(digest)):
-            raise _invalid(text, problem)
-        tag: str | None = None
-        colon = name_and_tag.rfind(":")
-        if colon > name_and_tag.rfind("/"):
-            name_and_tag, tag = name_and_tag[:colon], name_and_tag[colon + 1 :]
-            if not _TAG_RE.fullmatch(tag):
-                raise _invalid(
-                    text,
-                    f"invalid tag {_quoted(tag)} (want up to 128 letters, digits, '_', '.' "
-                    "or '-', not starting with '.' or '-')",
-                )
-        repository = _parse_repository(text, name_and_tag)
-        return cls(repository, tag, digest if at else None)
+        return _parse_image_reference(text)
 
     @property
     def registry(self) -> str:
@@ -210,3 +193,28 @@ def signature_tag(digest: str, suffix: str = "sig") -> str:
             "(longer than 128 characters)"
         )
     return tag
+
+
+# The webhook parses the same few hundred images on every review: parsing is pure and the
+# result immutable, so it is cached (errors are not cached, they are raised every time).
+@functools.lru_cache(maxsize=8192)
+def _parse_image_reference(text: str) -> ImageReference:
+    if not text:
+        raise _invalid(text, "empty")
+    if _IMAGE_ID_RE.fullmatch(text):
+        raise _invalid(text, "a 64-character hex string is an image ID, not a repository name")
+    name_and_tag, at, digest = text.partition("@")
+    if at and (problem := _digest_problem(digest)):
+        raise _invalid(text, problem)
+    tag: str | None = None
+    colon = name_and_tag.rfind(":")
+    if colon > name_and_tag.rfind("/"):
+        name_and_tag, tag = name_and_tag[:colon], name_and_tag[colon + 1 :]
+        if not _TAG_RE.fullmatch(tag):
+            raise _invalid(
+                text,
+                f"invalid tag {_quoted(tag)} (want up to 128 letters, digits, '_', '.' "
+                "or '-', not starting with '.' or '-')",
+            )
+    repository = _parse_repository(text, name_and_tag)
+    return ImageReference(repository, tag, digest if at else None)

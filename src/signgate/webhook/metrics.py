@@ -6,7 +6,7 @@ registry responses; the ASGI app only renders them for ``GET /metrics``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -67,18 +67,29 @@ class WebhookMetrics:
             registry=self.registry,
         )
 
+        # labels() hashes and locks on every call; a review counts several times, so each
+        # labelled child is looked up once and kept.
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe_admission(self, verdict: str, seconds: float) -> None:
-        self._admissions.labels(verdict).inc()
+        self._child(self._admissions, verdict).inc()
         self._latency.observe(seconds)
 
     def cache(self, name: str, hit: bool) -> None:
-        self._cache.labels(name, "hit" if hit else "miss").inc()
+        self._child(self._cache, name, "hit" if hit else "miss").inc()
 
     def registry_response(self, status: int | str) -> None:
         label = str(status)
-        self._registry_responses.labels(label).inc()
+        self._child(self._registry_responses, label).inc()
         if is_registry_error(status):
-            self._registry_errors.labels(label).inc()
+            self._child(self._registry_errors, label).inc()
 
     def registry_requests(self) -> int:
         """Registry responses and transport failures seen so far, all statuses together."""

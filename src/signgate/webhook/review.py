@@ -11,6 +11,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 from signgate.errors import InvalidReference, MalformedReview
@@ -68,6 +69,12 @@ class AdmissionRequest:
     dry_run: bool = False
     object: Mapping[str, Any] | None = field(default=None, hash=False, repr=False)
     old_object: Mapping[str, Any] | None = field(default=None, hash=False, repr=False)
+
+    @cached_property
+    def images(self) -> tuple[ContainerImage, ...]:
+        """The images a CREATE or UPDATE would run (:func:`request_images`), found once: the
+        app, the controller and :func:`~signgate.webhook.decision.decide` all need them."""
+        return tuple(_images_of_request(self))
 
     @property
     def workload_namespace(self) -> str:
@@ -328,6 +335,14 @@ def container_images(
 
 def request_images(request: AdmissionRequest) -> list[ContainerImage]:
     """The images a CREATE or UPDATE would run; none for DELETE and CONNECT.
+
+    Found once per request and kept (:attr:`AdmissionRequest.images`).
+    """
+    return list(request.images)
+
+
+def _images_of_request(request: AdmissionRequest) -> list[ContainerImage]:
+    """See :func:`request_images`.
 
     On UPDATE an image whose text the stored object already has anywhere in its pod spec is
     marked unchanged: it was admitted before, so scaling, relabelling or a status update never
