@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on one machine: set up, start a local registry, make a key pair, push a
 # demo image, sign it with signgate, verify it with signgate and with the real cosign, and watch
-# an unsigned image and a tampered tag be refused. Everything stays under .quickstart/.
+# an unsigned image and a tampered tag be refused; then the admission webhook admits a signed pod
+# and refuses an unsigned one, and the Helm chart is rendered. Everything stays under .quickstart/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -76,5 +77,12 @@ python "$ROOT/scripts/push_demo_image.py" "$REGISTRY/demo/app:v1" "attacker's co
 expect_refusal signgate verify --key cosign.pub "$REGISTRY/demo/app:v1"
 expect_refusal "$COSIGN" verify --key cosign.pub --insecure-ignore-tlog --allow-insecure-registry \
     "$REGISTRY/demo/app:v1"
+
+say "a pipeline step builds and signs a release (signing the pushed digest)"
+DIGEST=$(python "$ROOT/scripts/push_demo_image.py" "$REGISTRY/demo/web:1.0" "release 1.0")
+signgate sign --key cosign.key -a "pipeline=quickstart" "$REGISTRY/demo/web@$DIGEST"
+
+say "the admission webhook: a signed pod is admitted and pinned, an unsigned one refused"
+(cd "$ROOT" && python -m scripts.quickstart_webhook "$REGISTRY" "$WORK")
 
 say "quickstart complete"
