@@ -5,13 +5,18 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 import click
 
 from signgate.cli.options import RegistryFlags, registry_options, run
 from signgate.errors import InvalidReference, UsageError
 from signgate.reference import ImageReference
+
+if TYPE_CHECKING:
+    from signgate.keys.model import Signer
+    from signgate.registry import RegistryClient
+    from signgate.signatures.sign import SignOutcome
 
 ANNOTATION_HELP = "Annotation k=v: with sign, added to the payload; with verify, required."
 
@@ -57,6 +62,11 @@ def failure_line(reference: ImageReference, reason: str) -> str:
     show_default=True,
     help="signgate signs offline; only false is accepted.",
 )
+@click.option(
+    "--format", "signature_format", type=click.Choice(["classic", "bundle"]), default="classic",
+    show_default=True,
+    help="classic: cosign 2's sha256-HEX.sig image; bundle: cosign 3's Sigstore bundle referrer.",
+)
 @registry_options
 @click.argument("images", nargs=-1, required=True)
 def sign(
@@ -65,13 +75,14 @@ def sign(
     recursive: bool,
     yes: bool,
     tlog_upload: bool,
+    signature_format: str,
     registry: RegistryFlags,
     images: tuple[str, ...],
 ) -> None:
     """Sign IMAGE(s) by digest and push the signatures beside them."""
     from signgate.keys import load_signer, password_source
     from signgate.registry import RegistryClient
-    from signgate.signatures.sign import SignOutcome, sign_images
+    from signgate.signatures.sign import sign_images
 
     if tlog_upload:
         raise UsageError("signgate does not upload to a transparency log; use --tlog-upload=false")
@@ -89,6 +100,9 @@ def sign(
 
     async def sign_all() -> list[SignOutcome]:
         async with RegistryClient(registry.options_for(references)) as client:
+            if signature_format == "bundle":
+                return [await _sign_bundles(client, signer, r, wanted, recursive)
+                        for r in references]
             return await sign_images(client, signer, references, wanted, recursive)
 
     failures = 0
@@ -105,6 +119,33 @@ def sign(
             )
     if failures:
         sys.exit(1)
+
+
+async def _sign_bundles(
+    client: RegistryClient,
+    signer: Signer,
+    reference: ImageReference,
+    annotations: dict[str, str],
+    recursive: bool,
+) -> SignOutcome:
+    """Sign one image (and, recursively, an index's children) in cosign 3's bundle format."""
+    from signgate.errors import Error
+    from signgate.signatures.referrers import sign_digest_bundle
+    from signgate.signatures.sign import SignedDigest, SignOutcome, digests_to_sign
+    from signgate.signatures.store import signature_repository
+
+    try:
+        target = signature_repository(reference.repository)
+        signed = []
+        for digest in await digests_to_sign(client, reference, recursive):
+            bundle = await sign_digest_bundle(
+                client, signer, reference.repository, digest, annotations, target
+            )
+            location = f"{target}@{bundle.manifest_digest}"
+            signed.append(SignedDigest(reference, digest, location, bundle.already_signed))
+    except Error as e:
+        return SignOutcome(reference, error=e.diagnostics())
+    return SignOutcome(reference, tuple(signed))
 
 
 @click.command()

@@ -29,8 +29,8 @@ import httpx
 
 from signgate import __version__
 from signgate.digests import compute_digest, parse_digest
-from signgate.errors import DigestMismatch, RegistryError, UsageError
-from signgate.reference import Repository
+from signgate.errors import DigestMismatch, NotFound, RegistryError, UsageError
+from signgate.reference import Repository, signature_tag
 from signgate.registry.auth import (
     CATALOG_SCOPE,
     AuthCache,
@@ -47,7 +47,7 @@ from signgate.registry.errors import (
     retry_after_seconds,
     tls_protocol_error,
 )
-from signgate.registry.mediatypes import MANIFEST_ACCEPT
+from signgate.registry.mediatypes import MANIFEST_ACCEPT, OCI_INDEX
 
 USER_AGENT = f"signgate/{__version__}"
 MAX_CONNECTIONS = 100
@@ -116,6 +116,19 @@ class Manifest:
         if not isinstance(value, dict):
             raise ValueError("manifest is not a JSON object")
         return value
+
+
+@dataclass(frozen=True)
+class Referrers:
+    """Manifests referring to a digest: their descriptors, and where they were listed.
+
+    ``api`` is false when the registry has no referrers API and the fallback index (``index``,
+    None when absent) was read instead; a writer must then update that index itself.
+    """
+
+    descriptors: tuple[dict[str, Any], ...]
+    api: bool
+    index: Manifest | None
 
 
 def split_host_port(registry: str) -> tuple[str, int | None]:
@@ -347,6 +360,61 @@ class RegistryClient:
             ok={200, 202},
         ):
             pass
+
+    async def referrers(
+        self, repo: Repository, digest: str, artifact_type: str | None = None
+    ) -> Referrers:
+        """The descriptors of manifests whose ``subject`` is ``digest``.
+
+        From the referrers API (OCI distribution 1.1) when the registry answers it, else from
+        the fallback index at tag ``sha256-HEX`` (absent: no referrers). Filtered by
+        ``artifact_type`` when given, also when the registry does not filter.
+        """
+        subject = _subject(repo, digest)
+        self._required_digest(digest, subject)
+        params = {"artifactType": artifact_type} if artifact_type else None
+        async with self._stream(
+            "GET",
+            repo.registry,
+            f"/v2/{repo.path}/referrers/{digest}",
+            scopes=[_pull(repo)],
+            subject=f"{subject}: referrers",
+            ok={200, 404},
+            headers={"Accept": OCI_INDEX},
+            params=params,
+        ) as response:
+            status = response.status_code
+            raw = b""
+            if status == 200:
+                raw = await self._read_bounded(
+                    response, self.options.max_manifest_bytes, repo.registry,
+                    f"{subject}: referrers",
+                )
+        index: Manifest | None = None
+        if status == 200:
+            try:
+                document = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise RegistryError(f"{subject}: the referrers list is not JSON") from e
+        else:
+            tag = signature_tag(digest, "")
+            try:
+                index = await self.get_manifest(repo, tag)
+            except NotFound:
+                return Referrers((), api=False, index=None)
+            try:
+                document = index.json()
+            except ValueError as e:
+                raise RegistryError(f"{repo}:{tag}: the fallback index is not JSON") from e
+        entries = document.get("manifests") if isinstance(document, dict) else None
+        if not isinstance(entries, list):
+            entries = []
+        descriptors = tuple(
+            e for e in entries
+            if isinstance(e, dict)
+            and (artifact_type is None or e.get("artifactType") == artifact_type)
+        )
+        return Referrers(descriptors, api=status == 200, index=index)
 
     # -- blobs -------------------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
-"""Verifying an image's classic signatures against public keys and required annotations."""
+"""Verifying an image's signatures (classic `.sig` images and cosign 3 bundles) against public keys
+and required annotations."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from signgate.digests import compute_digest
@@ -11,9 +12,15 @@ from signgate.errors import Error, VerificationError
 from signgate.keys.model import PublicKey
 from signgate.reference import ImageReference, Repository
 from signgate.registry import IMAGE_CONCURRENCY, RegistryClient
+from signgate.signatures.bundle import BUNDLE_MEDIA_TYPE, check_bundle
 from signgate.signatures.layout import SIMPLE_SIGNING_MEDIA_TYPE, SignatureLayer
 from signgate.signatures.payload import SimpleSigningPayload, build_payload, parse_payload
+from signgate.signatures.referrers import BundleArtifact, read_bundles
 from signgate.signatures.store import fetch_payload, read_signature_image, signature_repository
+
+CLASSIC = "classic"
+BUNDLE = "bundle"
+SIGNATURE_FORMATS = (CLASSIC, BUNDLE)
 
 
 @dataclass(frozen=True)
@@ -138,8 +145,11 @@ async def verify_image(
     keys: Sequence[PublicKey],
     required_annotations: Mapping[str, str] | None = None,
     signature_repo: Repository | None = None,
+    formats: Collection[str] = SIGNATURE_FORMATS,
 ) -> ImageVerification:
-    """Verify one image; registry failures become the verdict's error, never an exception."""
+    """Verify one image's signatures in the given ``formats`` (classic ``.sig`` images and
+    cosign 3 bundles by default); registry failures become the verdict's error, never an
+    exception."""
     try:
         # Fetched by digest too, as cosign does (go-containerregistry checks the digest of what
         # it fetched): a registry serving other bytes under the digest fails verification.
@@ -148,21 +158,72 @@ async def verify_image(
     except Error as e:
         return ImageVerification(reference, None, error=e.diagnostics())
     repository = signature_repo or signature_repository(reference.repository)
-    try:
-        image = await read_signature_image(client, repository, digest)
-        if image is None:
-            return ImageVerification(
-                reference, digest, error=f"no signatures found for {reference.repository}@{digest}"
+    required = required_annotations or {}
+    checks: list[SignatureCheck] = []
+    image = None
+    if CLASSIC in formats:
+        try:
+            image = await read_signature_image(client, repository, digest)
+            if image is not None:
+                known = predictable_payloads(reference.repository, digest, required)
+                checks.extend(
+                    await asyncio.gather(
+                        *(_check_layer(client, repository, layer, keys, digest, required, known)
+                          for layer in image.layers)
+                    )
+                )
+        except Error as e:
+            return ImageVerification(reference, digest, error=e.diagnostics())
+    location = image.location if image is not None else None
+    verified_keys = {c.key.key_id for c in checks if c.verified and c.key is not None}
+    # Bundles can only add keys not yet verified: skip the look-up (two requests on a registry
+    # without the referrers API) when every key already verified a classic signature.
+    if BUNDLE in formats and not {k.key_id for k in keys} <= verified_keys:
+        try:
+            bundles = await read_bundles(client, repository, digest)
+        except Error as e:
+            if not checks:
+                return ImageVerification(reference, digest, error=e.diagnostics())
+            checks.append(
+                SignatureCheck(_BUNDLE_PLACEHOLDER, reason=f"bundles unreadable: {e.diagnostics()}")
             )
-        required = required_annotations or {}
-        known = predictable_payloads(reference.repository, digest, required)
-        checks = await asyncio.gather(
-            *(_check_layer(client, repository, layer, keys, digest, required, known)
-              for layer in image.layers)
+        else:
+            checks.extend(bundle_signature_check(a, keys, digest, required)
+                          for a in bundles.artifacts)
+            if bundles.artifacts and location is None:
+                location = bundles.location
+    if not checks:
+        return ImageVerification(
+            reference, digest, error=f"no signatures found for {reference.repository}@{digest}"
         )
-    except Error as e:
-        return ImageVerification(reference, digest, error=e.diagnostics())
-    return ImageVerification(reference, digest, tuple(checks), signature_location=image.location)
+    return ImageVerification(reference, digest, tuple(checks), signature_location=location)
+
+
+_BUNDLE_PLACEHOLDER = SignatureLayer(BUNDLE_MEDIA_TYPE, "", 0)
+
+
+def bundle_signature_check(
+    artifact: BundleArtifact,
+    keys: Sequence[PublicKey],
+    digest: str,
+    required_annotations: Mapping[str, str],
+) -> SignatureCheck:
+    """A bundle's verdict in the shape of a classic one, so both count towards a threshold."""
+    layer = SignatureLayer(BUNDLE_MEDIA_TYPE, artifact.bundle_digest or artifact.manifest_digest,
+                           len(artifact.bundle))
+    if artifact.problem is not None:
+        return SignatureCheck(layer, reason=artifact.problem)
+    result = check_bundle(layer.digest, artifact.bundle, keys, digest, required_annotations)
+    payload = None
+    if result.statement is not None:
+        payload = SimpleSigningPayload(
+            docker_reference="",
+            manifest_digest=digest,
+            annotations=result.statement.annotations,
+            document=result.statement.document,
+        )
+    return SignatureCheck(layer, key=result.key, payload=payload,
+                          payload_bytes=result.statement_bytes, reason=result.reason)
 
 
 async def _check_layer(
