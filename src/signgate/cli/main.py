@@ -20,6 +20,8 @@ COMMANDS = {
     "triangulate": "signgate.cli.images:triangulate",
     "tree": "signgate.cli.images:tree",
     "clean": "signgate.cli.images:clean",
+    "inventory": "signgate.cli.rotation:inventory",
+    "rotate": "signgate.cli.rotation:rotate",
     "check": "signgate.cli.check:check",
     "serve": "signgate.cli.serve:serve",
 }

@@ -1,0 +1,1 @@
+"""Key rotation across a registry: inventory, plan, journal, and the rotation itself."""

@@ -1,0 +1,247 @@
+"""The rotation's pure core: the work list, the journal's state machine, and policy edits.
+
+The phases run in this order, and each starts only when the one before it is complete:
+
+1. ``plan``: the digests OLD signed become the work list (recorded, so a resumed run works on
+   the same list even after OLD's signatures are gone).
+2. ``trust``: NEW is added beside OLD in every policy rule that trusts OLD.
+3. ``resign``: every work item gets a signature by NEW next to OLD's.
+4. ``retire``: OLD is removed from the policy rules.
+5. ``clean``: OLD's signatures are removed.
+
+At every moment each image OLD had signed carries a signature the policy in force accepts:
+before ``trust`` ends only OLD's signatures exist; until ``retire`` both keys are trusted;
+``clean`` starts only once every image carries NEW's signature and OLD is no longer trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from signgate.errors import PolicyError
+from signgate.policy import parse_policy
+from signgate.rotation.inventory import Inventory
+
+PHASES = ("plan", "trust", "resign", "retire", "clean")
+
+
+@dataclass(frozen=True, order=True)
+class WorkItem:
+    """One signature to re-sign: ``repository@digest`` with the annotations OLD's payload had."""
+
+    repository: str
+    digest: str
+    annotations: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def item_id(self) -> str:
+        return json.dumps([self.repository, self.digest, list(self.annotations)])
+
+    def to_json(self) -> list[Any]:
+        return [self.repository, self.digest, [list(pair) for pair in self.annotations]]
+
+    @classmethod
+    def from_json(cls, value: Any) -> WorkItem:
+        repository, digest, annotations = value
+        return cls(str(repository), str(digest), tuple((str(k), str(v)) for k, v in annotations))
+
+
+def work_list(inventory: Inventory, old_key_id: str) -> list[WorkItem]:
+    """One item per distinct annotation set of OLD's signatures on each digest, sorted."""
+    items = set()
+    for entry in inventory.entries:
+        for signature in entry.signatures:
+            if signature.key_id == old_key_id:
+                annotations = tuple(sorted(signature.annotations.items()))
+                items.add(WorkItem(str(entry.repository), entry.digest, annotations))
+    return sorted(items)
+
+
+@dataclass
+class RotationState:
+    """What the journal says has happened."""
+
+    header: dict[str, Any] | None = None
+    plan: tuple[WorkItem, ...] | None = None
+    completed: set[str] = field(default_factory=set)
+    resigned: set[str] = field(default_factory=set)
+    cleaned: set[str] = field(default_factory=set)
+    removed: int = 0
+
+    def next_phase(self) -> str | None:
+        """The first phase not yet complete; None when the rotation is finished."""
+        return next((p for p in PHASES if p not in self.completed), None)
+
+    @property
+    def finished(self) -> bool:
+        return self.next_phase() is None
+
+
+def replay(records: Iterable[Mapping[str, Any]]) -> RotationState:
+    """Fold the journal's records into the state they describe."""
+    state = RotationState()
+    for record in records:
+        kind = record.get("type")
+        if kind == "start":
+            state.header = dict(record)
+        elif kind == "plan":
+            state.plan = tuple(WorkItem.from_json(v) for v in record["items"])
+            state.completed.add("plan")
+        elif kind == "end":
+            state.completed.add(str(record["phase"]))
+        elif kind == "item" and record.get("phase") == "resign":
+            state.resigned.add(str(record["id"]))
+        elif kind == "item" and record.get("phase") == "clean":
+            if str(record["id"]) not in state.cleaned:
+                state.removed += int(record.get("removed", 0))
+            state.cleaned.add(str(record["id"]))
+    return state
+
+
+def clean_targets(plan: Sequence[WorkItem]) -> list[tuple[str, str]]:
+    """The (repository, digest) pairs whose signature images lose OLD's signatures."""
+    return sorted({(item.repository, item.digest) for item in plan})
+
+
+def clean_id(repository: str, digest: str) -> str:
+    return f"{repository}@{digest}"
+
+
+# -- policy edits ------------------------------------------------------------------------------
+
+_PLAIN_SCALAR = re.compile(r"^[A-Za-z0-9_./~+-][A-Za-z0-9_./:@=%+~-]*$")
+
+
+def _yaml_scalar(text: str) -> str:
+    if _PLAIN_SCALAR.match(text) and ": " not in text and " #" not in text:
+        return text
+    return json.dumps(text)  # a JSON string is a YAML double-quoted scalar
+
+
+def _key_sequences(text: str, source: str) -> list[tuple[str, yaml.SequenceNode]]:
+    """(rule name, keys node) of every rule with keys, from the composed document."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise PolicyError(f"{source}: invalid YAML: {' '.join(str(e).split())}") from e
+    found: list[tuple[str, yaml.SequenceNode]] = []
+    if not isinstance(root, yaml.MappingNode):
+        return found
+    for key_node, rules in root.value:
+        if key_node.value != "rules" or not isinstance(rules, yaml.SequenceNode):
+            continue
+        for rule in rules.value:
+            if not isinstance(rule, yaml.MappingNode):
+                continue
+            fields = {k.value: v for k, v in rule.value}
+            keys, name = fields.get("keys"), fields.get("name")
+            if isinstance(keys, yaml.SequenceNode):
+                found.append((str(getattr(name, "value", "")), keys))
+    return found
+
+
+def _line_bounds(text: str, start: int, end: int) -> tuple[int, int]:
+    line_start = text.rfind("\n", 0, start) + 1
+    newline = text.find("\n", end)
+    return line_start, len(text) if newline < 0 else newline + 1
+
+
+def _block_item_prefix(text: str, node: yaml.Node, source: str) -> str:
+    line_start, _ = _line_bounds(text, node.start_mark.index, node.end_mark.index)
+    prefix = text[line_start : node.start_mark.index]
+    if prefix.strip() != "-":
+        raise PolicyError(
+            f"{source}:{node.start_mark.line + 1}: cannot edit this key list; "
+            "write each key as '- KEY' on its own line or as a [flow, list]"
+        )
+    return prefix
+
+
+def _apply(text: str, edits: list[tuple[int, int, str]]) -> str:
+    for start, end, replacement in sorted(edits, reverse=True):
+        text = text[:start] + replacement + text[end:]
+    return text
+
+
+def add_key_to_rules(
+    text: str, trusts_old: Callable[[str], bool], new_ref: str, source: str = "policy"
+) -> tuple[str, list[str]]:
+    """``text`` with ``new_ref`` listed after OLD in every rule that trusts OLD and lacks it;
+    the names of the rules changed. Everything else (comments, order, quoting) is kept."""
+    edits: list[tuple[int, int, str]] = []
+    changed: list[str] = []
+    for name, keys in _key_sequences(text, source):
+        refs = [str(item.value) for item in keys.value]
+        old_items = [item for item in keys.value if trusts_old(str(item.value))]
+        if not old_items or new_ref in refs:
+            continue
+        anchor = old_items[-1]
+        if keys.flow_style:
+            end = anchor.end_mark.index
+            edits.append((end, end, f", {_yaml_scalar(new_ref)}"))
+        else:
+            prefix = _block_item_prefix(text, anchor, source)
+            _, line_end = _line_bounds(text, anchor.start_mark.index, anchor.end_mark.index)
+            lead = "" if text[:line_end].endswith("\n") else "\n"
+            edits.append((line_end, line_end, f"{lead}{prefix}{_yaml_scalar(new_ref)}\n"))
+        changed.append(name)
+    result = _apply(text, edits)
+    _check_edit(
+        result, source, lambda keys: new_ref in keys or not any(trusts_old(k) for k in keys)
+    )
+    return result, changed
+
+
+def remove_key_from_rules(
+    text: str, trusts_old: Callable[[str], bool], new_ref: str, source: str = "policy"
+) -> tuple[str, list[str]]:
+    """``text`` without OLD in the rules that also list ``new_ref``; the rules changed.
+
+    A rule that trusts OLD but not NEW keeps OLD: removing it could refuse an image.
+    """
+    edits: list[tuple[int, int, str]] = []
+    changed: list[str] = []
+    for name, keys in _key_sequences(text, source):
+        refs = [str(item.value) for item in keys.value]
+        if new_ref not in refs:
+            continue
+        removed = False
+        for item in keys.value:
+            if not trusts_old(str(item.value)) or str(item.value) == new_ref:
+                continue
+            removed = True
+            start, end = item.start_mark.index, item.end_mark.index
+            if keys.flow_style:
+                after = re.match(r"\s*,\s*", text[end:])
+                if after:
+                    edits.append((start, end + after.end(), ""))
+                else:
+                    before = re.search(r",\s*$", text[:start])
+                    edits.append((before.start() if before else start, end, ""))
+            else:
+                _block_item_prefix(text, item, source)
+                line_start, line_end = _line_bounds(text, start, end)
+                rest = text[end:line_end].strip()
+                if rest and not rest.startswith("#"):
+                    raise PolicyError(f"{source}:{item.start_mark.line + 1}: cannot edit this key")
+                edits.append((line_start, line_end, ""))
+        if removed:
+            changed.append(name)
+    result = _apply(text, edits)
+    _check_edit(
+        result, source, lambda keys: new_ref not in keys or not any(trusts_old(k) for k in keys)
+    )
+    return result, changed
+
+
+def _check_edit(text: str, source: str, rule_ok: Callable[[tuple[str, ...]], bool]) -> None:
+    policy = parse_policy(text, source)
+    for rule in policy.rules:
+        if rule.keys and not rule_ok(rule.keys):
+            raise PolicyError(f"{source}: editing rule {rule.name!r} did not give the keys wanted")

@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import pytest
+
+from signgate.errors import PolicyError
+from signgate.policy import parse_policy
+from signgate.reference import Repository
+from signgate.rotation.inventory import (
+    DigestEntry,
+    Inventory,
+    SignatureEntry,
+    select_repositories,
+    split_target,
+)
+from signgate.rotation.plan import (
+    WorkItem,
+    add_key_to_rules,
+    remove_key_from_rules,
+    replay,
+    work_list,
+)
+
+POLICY = """\
+# the production policy
+unmatched: deny
+rules:
+  - name: ours   # our images
+    images: ["reg.example/team/**"]
+    keys:
+      - old.pub   # rotated yearly
+      - third.pub
+  - name: flow
+    images: ["reg.example/flow/**"]
+    keys: [third.pub, old.pub]
+  - name: others
+    images: ["reg.example/other/**"]
+    keys: [third.pub]
+  - name: platform
+    images: ["registry.k8s.io/**"]
+    action: allow
+"""
+
+
+def is_old(ref: str) -> bool:
+    return ref == "old.pub"
+
+
+def keys_of(text: str) -> dict[str, tuple[str, ...]]:
+    return {rule.name: rule.keys for rule in parse_policy(text).rules}
+
+
+def test_trust_both_adds_new_after_old_and_keeps_everything_else() -> None:
+    edited, changed = add_key_to_rules(POLICY, is_old, "keys/new key.pub")
+    assert changed == ["ours", "flow"]
+    assert keys_of(edited) == {
+        "ours": ("old.pub", "keys/new key.pub", "third.pub"),
+        "flow": ("third.pub", "old.pub", "keys/new key.pub"),
+        "others": ("third.pub",),
+        "platform": (),
+    }
+    assert "# the production policy" in edited
+    assert "- old.pub   # rotated yearly" in edited
+    assert "  - name: ours   # our images" in edited
+
+
+def test_trust_both_is_idempotent() -> None:
+    once, _ = add_key_to_rules(POLICY, is_old, "new.pub")
+    twice, changed = add_key_to_rules(once, is_old, "new.pub")
+    assert twice == once
+    assert changed == []
+
+
+def test_retire_removes_old_only_where_new_is_trusted() -> None:
+    both, _ = add_key_to_rules(POLICY, is_old, "new.pub")
+    # A rule that trusts OLD without NEW keeps OLD: removing it could refuse an image.
+    both = both.replace("keys: [third.pub, old.pub, new.pub]", "keys: [third.pub, old.pub]")
+    retired, changed = remove_key_from_rules(both, is_old, "new.pub")
+    assert changed == ["ours"]
+    assert keys_of(retired)["ours"] == ("new.pub", "third.pub")
+    assert keys_of(retired)["flow"] == ("third.pub", "old.pub")
+    assert "rotated yearly" not in retired
+    assert "# the production policy" in retired
+    again, changed = remove_key_from_rules(retired, is_old, "new.pub")
+    assert (again, changed) == (retired, [])
+
+
+def test_retire_in_a_flow_list() -> None:
+    both, _ = add_key_to_rules(POLICY, is_old, "new.pub")
+    retired, _ = remove_key_from_rules(both, is_old, "new.pub")
+    assert keys_of(retired)["flow"] == ("third.pub", "new.pub")
+    assert "keys: [third.pub, new.pub]" in retired
+
+
+def test_a_flow_list_over_several_lines() -> None:
+    text = POLICY.replace(
+        "    keys:\n      - old.pub   # rotated yearly\n      - third.pub\n",
+        "    keys: [\n      old.pub,\n      third.pub]\n",
+    )
+    both, _ = add_key_to_rules(text, is_old, "new.pub")
+    assert keys_of(both)["ours"] == ("old.pub", "new.pub", "third.pub")
+    retired, _ = remove_key_from_rules(both, is_old, "new.pub")
+    assert keys_of(retired)["ours"] == ("new.pub", "third.pub")
+
+
+def test_an_invalid_edit_result_is_refused() -> None:
+    # A key list written as a YAML alias cannot be edited in place.
+    text = POLICY.replace("    keys: [third.pub]", "    keys: *shared").replace(
+        "    keys:\n      - old.pub", "    keys: &shared\n      - old.pub"
+    )
+    with pytest.raises(PolicyError):
+        add_key_to_rules(text, is_old, "new.pub")
+
+
+def entry(repo: str, digest: str, *signatures: SignatureEntry) -> DigestEntry:
+    return DigestEntry(Repository("reg.example", repo), digest, signatures=signatures)
+
+
+def test_work_list_is_every_signature_by_old_with_its_annotations() -> None:
+    d1, d2, d3 = (f"sha256:{c * 64}" for c in "123")
+    inventory = Inventory(
+        "reg.example",
+        (
+            entry("a", d1, SignatureEntry("OLD"), SignatureEntry("OLD", {"env": "prod"})),
+            entry("a", d2, SignatureEntry("THIRD"), SignatureEntry(None)),
+            entry("b", d3, SignatureEntry("OLD"), SignatureEntry("THIRD")),
+            entry("b", d1),
+        ),
+    )
+    assert work_list(inventory, "OLD") == [
+        WorkItem("reg.example/a", d1),
+        WorkItem("reg.example/a", d1, (("env", "prod"),)),
+        WorkItem("reg.example/b", d3),
+    ]
+
+
+def test_replay_follows_the_journal() -> None:
+    item = WorkItem("reg.example/a", "sha256:" + "1" * 64, (("k", "v"),))
+    assert WorkItem.from_json(item.to_json()) == item
+    state = replay([
+        {"type": "start", "old": "o", "new": "n", "target": "reg.example"},
+        {"type": "plan", "items": [item.to_json()]},
+        {"type": "end", "phase": "trust"},
+        {"type": "item", "phase": "resign", "id": item.item_id},
+    ])
+    assert state.plan == (item,)
+    assert state.resigned == {item.item_id}
+    assert state.next_phase() == "resign"
+    state = replay([
+        *([{"type": "end", "phase": p} for p in ("trust", "resign", "retire")]),
+        {"type": "plan", "items": []},
+        {"type": "item", "phase": "clean", "id": "x", "removed": 2},
+        {"type": "item", "phase": "clean", "id": "x", "removed": 2},
+    ])
+    assert state.removed == 2
+    assert state.next_phase() == "clean"
+    assert not state.finished
+
+
+def test_targets_and_repository_selection() -> None:
+    assert split_target("Reg.Example:5000/team/") == ("reg.example:5000", "team")
+    assert split_target("reg.example") == ("reg.example", "")
+    names = ["team/a", "team/b/c", "teamx", "other/a"]
+    assert select_repositories(names, "team", []) == ["team/a", "team/b/c"]
+    assert select_repositories(names, "", ["*/a"]) == ["other/a", "team/a"]
+
+
+def test_inventory_formats() -> None:
+    from signgate.cli.rotation import format_inventory
+
+    digest = "sha256:" + "1" * 64
+    inventory = Inventory(
+        "reg.example",
+        (
+            DigestEntry(Repository("reg.example", "a"), digest, ("v1",), (),
+                        (SignatureEntry("k1"), SignatureEntry(None))),
+            DigestEntry(Repository("reg.example", "a"), "sha256:" + "2" * 64),
+        ),
+        {"k1": "old.pub"},
+    )
+    table = format_inventory(inventory, "table").splitlines()
+    assert table[0] == f"reg.example/a@{digest}\tv1\tsigned\told.pub (+1 by other keys)"
+    assert table[1].endswith("\t(no tag)\tunsigned\t-")
+    csv_lines = format_inventory(inventory, "csv").splitlines()
+    assert csv_lines[1] == f"reg.example/a,{digest},v1,,yes,old.pub,1"
+    assert '"keys": [\n      "old.pub"\n    ]' in format_inventory(inventory, "json")
