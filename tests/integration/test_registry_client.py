@@ -617,11 +617,14 @@ async def test_rate_limiting_that_does_not_end_gives_up(registry: RunningRegistr
     assert sum("/manifests/" in r.url.path for r in transport.requests) == 4
 
 
-async def test_unavailable_registry_is_retried_for_reads_only(registry: RunningRegistry) -> None:
+@pytest.mark.parametrize("status", [408, 500, 502, 503, 504])
+async def test_unavailable_registry_is_retried_for_reads_only(
+    registry: RunningRegistry, status: int
+) -> None:
     repo = registry.repository(unique("unavailable"))
     async with RegistryClient(registry.options()) as client:
         digest, raw = await push_image(client, repo, "v1")
-    transport = flaky(503, 2)
+    transport = flaky(status, 2)
     async with RegistryClient(
         registry.options(transport=transport, retry_backoff_seconds=0)
     ) as client:

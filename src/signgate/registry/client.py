@@ -64,7 +64,10 @@ DEFAULT_MAX_BLOB_BYTES = 64 << 20
 _MAX_ERROR_BODY_BYTES = 64 << 10
 _MAX_LIST_PAGE_BYTES = 16 << 20
 _MAX_PAGES = 10_000
-_RETRIED_STATUSES = frozenset({502, 503, 504})
+# As go-containerregistry (and so cosign) retries. 500 included: distribution's filesystem
+# driver rewrites a tag's link file in place, so a read racing a manifest PUT to the same tag
+# (a signature being appended, a rotation cleaning) can get a transient 500.
+_RETRIED_STATUSES = frozenset({408, 500, 502, 503, 504})
 # A kept-alive connection the server closed, or a reset mid-request: safe to send again
 # when the request is idempotent.
 _CONNECTION_RESETS = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
