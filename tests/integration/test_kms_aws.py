@@ -2,8 +2,9 @@
 
 moto runs AWS KMS here with real ECDSA keys, but it departs from AWS in three ways, so a few
 tests use :class:`AwsKmsDouble` instead (a loopback server that answers as AWS documents):
-moto hashes a ``MessageType=DIGEST`` message again, does not refuse disabled keys, and answers
-IAM failures in XML where KMS answers JSON.
+moto hashes a ``MessageType=DIGEST`` message again, does not refuse disabled keys (signgate
+reads the key state itself, so a key disabled in moto is refused all the same), and answers IAM
+failures in XML where KMS answers JSON.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from mypy_boto3_kms import KMSClient
 
 from signgate.errors import KMSError
 from signgate.keys.password import fixed_password
-from signgate.keys.refs import load_public_key, load_signer
+from signgate.keys.refs import (
+    add_key_version,
+    disable_key,
+    load_public_key,
+    load_public_keys,
+    load_signer,
+)
 from signgate.reference import Repository
 from signgate.registry import RegistryClient, RegistryOptions
 from signgate.registry.images import push_image
@@ -50,6 +57,7 @@ MOTO_ACCOUNT = "123456789012"
 # moto accepts any access key until its IAM checks are turned on.
 MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test"}
 NO_PASSWORD = fixed_password(b"")
+PAYLOAD = b'{"critical":{"type":"cosign container image signature"},"optional":null}'
 
 
 def aws_env(home: Path, **extra: str) -> dict[str, str]:
@@ -231,7 +239,7 @@ def test_generate_sign_verify_and_cosign_agrees(ws: Workspace) -> None:
         assert ws.cosign(name, "public-key", "--key", ref).stdout == exported
 
     image = ws.image("signed")
-    ws.signgate("sign", "--key", ref, image)
+    ws.signgate("sign", "--format", "classic", "--key", ref, image)
 
     (verified,) = json.loads(ws.signgate("verify", "--key", ref, image).stdout)
     assert verified["critical"]["identity"]["docker-reference"] == image.rsplit(":", 1)[0]
@@ -256,7 +264,7 @@ def test_cosigns_own_awskms_signing_through_moto_does_not_verify(ws: Workspace) 
     refused = ws.signgate("verify", "--key", ref, image, check=False)
     assert refused.returncode == 1
     # signgate signs the same image with the same key, and that signature verifies.
-    ws.signgate("sign", "--key", ref, image)
+    ws.signgate("sign", "--format", "classic", "--key", ref, image)
     ws.cosign_verify("cosign2", ref, image)
     ws.signgate("verify", "--key", ref, image)
 
@@ -284,7 +292,7 @@ def test_endpoint_named_in_the_reference_is_https_and_wins_over_the_environment(
         plain_kms.close()
 
     image = ws.image("tls")
-    ws.signgate("sign", "--key", ref, image)
+    ws.signgate("sign", "--format", "classic", "--key", ref, image)
     ws.signgate("verify", "--key", ref, image)
     ws.cosign_verify("cosign2", ref, image)
     ws.cosign_verify("cosign3", "cosign.pub", image)
@@ -489,6 +497,67 @@ def test_digest_messages_are_hashed_again_by_moto_and_caught(
     )
 
 
+@pytest.fixture
+def moto_environ(moto: RunningMoto, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process environment pointing the AWS SDK at moto, for in-process calls."""
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in moto_env(tmp_path, moto).items():
+        if name.startswith("AWS_"):
+            monkeypatch.setenv(name, value)
+
+
+@pytest.mark.usefixtures("moto_environ")
+def test_disabling_a_key_stops_signing_and_trust_and_is_harmless_twice(
+    moto: RunningMoto, moto_kms: KMSClient
+) -> None:
+    alias = unique_alias("retire")
+    ref = f"awskms:///{alias}"
+    where = f"{ref} at {moto.url} ({REGION})"
+    key_id = moto_kms.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")[
+        "KeyMetadata"
+    ]["KeyId"]
+    moto_kms.create_alias(AliasName=alias, TargetKeyId=key_id)
+    signer = load_signer(ref, NO_PASSWORD)
+    assert signer.public_key().verify(signer.sign(PAYLOAD), PAYLOAD)
+
+    assert disable_key(ref) == f"{where}: key {key_id} disabled"
+    metadata = moto_kms.describe_key(KeyId=key_id)["KeyMetadata"]
+    assert (metadata["KeyState"], metadata["Enabled"]) == ("Disabled", False)
+    assert moto_kms.list_aliases(KeyId=key_id)["Aliases"][0]["AliasName"] == alias
+    for load in (load_signer, load_public_key):
+        with pytest.raises(KMSError) as refused:
+            load(ref, NO_PASSWORD)
+        assert refused.value.diagnostics() == f"{where}: the key is disabled"
+    with pytest.raises(KMSError, match="the key is disabled"):
+        load_public_keys([ref], NO_PASSWORD)
+
+    assert disable_key(ref) == f"{where}: key {key_id} is Disabled already"
+    # By key id too; a key pending deletion is left as it is.
+    moto_kms.schedule_key_deletion(KeyId=key_id, PendingWindowInDays=7)
+    assert disable_key(f"awskms:///{key_id}") == (
+        f"awskms:///{key_id} at {moto.url} ({REGION}): key {key_id} is PendingDeletion already"
+    )
+
+
+@pytest.mark.usefixtures("moto_environ")
+def test_aws_keys_have_no_versions_to_add() -> None:
+    with pytest.raises(KMSError) as refused:
+        add_key_version("awskms:///alias/release")
+    assert refused.value.diagnostics() == (
+        "awskms:///alias/release: awskms:// keys have no versions; rotate to a new key instead"
+    )
+
+
+@pytest.mark.usefixtures("moto_environ")
+def test_disabling_a_missing_key(moto: RunningMoto) -> None:
+    with pytest.raises(KMSError) as refused:
+        disable_key("awskms:///alias/no-such-key")
+    assert refused.value.diagnostics() == (
+        f"awskms:///alias/no-such-key at {moto.url} ({REGION}): no such key or alias"
+    )
+
+
 # --- where moto departs from AWS: a double that answers as AWS documents ------------------
 
 
@@ -496,7 +565,8 @@ def test_digest_messages_are_hashed_again_by_moto_and_caught(
 class DoubleKey:
     spec: str = "ECC_NIST_P256"
     usage: str = "SIGN_VERIFY"
-    refusal: tuple[str, str] | None = None  # (error code, message) for every request
+    state: str = "Enabled"
+    refusal: tuple[str, str] | None = None  # (error code, message) for all but DescribeKey
     private_key: ec.EllipticCurvePrivateKey = field(
         default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
     )
@@ -506,7 +576,8 @@ class AwsKmsDouble:
     """Stands in for real AWS KMS (JSON 1.1 protocol on loopback) where moto differs from it:
     ``MessageType=DIGEST`` is the digest itself, RAW messages stop at 4096 bytes, disabled or
     pending-deletion keys are refused, symmetric keys have no public key, errors are JSON
-    ``__type`` bodies, and GetPublicKey sends ``KeySpec``. Access key ``AKIDDENIED...`` is
+    ``__type`` bodies, and GetPublicKey sends ``KeySpec``. DescribeKey answers in every key
+    state, as AWS does. Access key ``AKIDDENIED...`` is
     denied kms:Sign; ``AKIDUNKNOWN...`` is not a known access key.
     """
 
@@ -557,6 +628,17 @@ class AwsKmsDouble:
                 f"User: arn:aws:iam::{self.ACCOUNT}:user/ci is not authorized to perform: "
                 f"kms:Sign on resource: {self.arn(key_id)}",
             )
+        if action == "DescribeKey":
+            return 200, {
+                "KeyMetadata": {
+                    "KeyId": key_id,
+                    "Arn": self.arn(key_id),
+                    "KeyState": key.state,
+                    "Enabled": key.state == "Enabled",
+                    "KeySpec": key.spec,
+                    "KeyUsage": key.usage,
+                }
+            }
         if key.refusal is not None:
             return 400, self.error(*key.refusal)
         if action == "GetPublicKey":
@@ -655,6 +737,21 @@ def test_large_payloads_go_as_digest_which_real_aws_honours(kms_double: AwsKmsDo
     ("key", "text"),
     [
         (
+            DoubleKey(
+                state="Disabled",
+                refusal=("DisabledException", "arn:aws:kms:...:key/... is disabled."),
+            ),
+            "the key is disabled",
+        ),
+        (
+            DoubleKey(
+                state="PendingDeletion",
+                refusal=("KMSInvalidStateException", "arn:aws:kms:k is pending deletion."),
+            ),
+            "the key is pending deletion",
+        ),
+        (
+            # A key that turns disabled between DescribeKey and GetPublicKey.
             DoubleKey(refusal=("DisabledException", "arn:aws:kms:...:key/... is disabled.")),
             "the key is disabled",
         ),

@@ -165,7 +165,7 @@ def test_generate_sign_verify_and_cosign_agrees(
     image = f"{registry.host}/{repository}:v1"
     # The Secret's own password opens the key: COSIGN_PASSWORD is not consulted.
     signing_env = {**env, "COSIGN_PASSWORD": "not the password"}
-    signgate("sign", "--key", ref, image, env=signing_env, cwd=tmp_path)
+    signgate("sign", "--format", "classic", "--key", ref, image, env=signing_env, cwd=tmp_path)
 
     signgate("verify", "--key", ref, image, env=env, cwd=tmp_path)
     signgate("verify", "--key", "cosign.pub", f"{registry.host}/{repository}@{digest}",
@@ -200,7 +200,10 @@ def test_a_secret_holding_a_cosign_generated_key_signs(
     repository = f"k8s/{name}"
     push(registry, repository, name.encode())
     image = f"{registry.host}/{repository}:v1"
-    signgate("sign", "--key", f"k8s://{NAMESPACE}/{name}", image, env=env, cwd=tmp_path)
+    signgate(
+        "sign", "--format", "classic", "--key", f"k8s://{NAMESPACE}/{name}", image, env=env,
+        cwd=tmp_path,
+    )
     cosign_verify(cosign_binaries["cosign2"], "cosign2", str(tmp_path / "cosign.pub"), image, env)
 
 

@@ -197,7 +197,9 @@ def test_generate_sign_verify_and_cosign_agrees(
     repository = f"pkcs11/{tmp_path.name}".lower()
     digest = push(registry, repository, b"signed on a token")
     image = f"{registry.host}/{repository}:v1"
-    signed = signgate("sign", "--key", uri, image, env=with_pin, cwd=tmp_path)
+    signed = signgate(
+        "sign", "--format", "classic", "--key", uri, image, env=with_pin, cwd=tmp_path
+    )
     assert PIN not in signed.stderr
 
     signgate("verify", "--key", uri, image, env=without_pin, cwd=tmp_path)
@@ -293,6 +295,91 @@ def test_a_file_that_is_not_a_module(tmp_path: Path) -> None:
     assert str(caught.value) == (
         f"pkcs11:token={TOKEN};object=O: cannot load PKCS#11 module {not_a_module}: "
         "invalid ELF header"
+    )
+
+
+# --- disabling keys ------------------------------------------------------------------------
+
+
+def test_disabling_a_key_stops_signing_and_trust_and_is_harmless_twice(
+    softhsm: SoftHsm, backend: Pkcs11Backend, registry: RunningRegistry, tmp_path: Path
+) -> None:
+    label = f"retired-{tmp_path.name}"
+    location = f"token={TOKEN};object={label}"
+    name = f"pkcs11:{location}"
+    backend.create_key(location, never_asked)
+    signer = backend.signer(location, never_asked)
+    assert signer.public_key().verify(signer.sign(PAYLOAD), PAYLOAD)
+
+    done = f"{name}: CKA_SIGN false on the private key, CKA_VERIFY false on its public key"
+    assert backend.disable_key(location) == done
+    # The token itself refuses the key now, even to a signer loaded before.
+    with pytest.raises(KMSError, match=f"^{name}: the PKCS#11 module failed: "):
+        signer.sign(PAYLOAD)
+    with pytest.raises(KMSError) as refused:
+        backend.signer(location, never_asked)
+    assert refused.value.diagnostics() == (
+        f"{name}: the key '{label}' may not sign (CKA_SIGN is false: it is disabled, or not "
+        "made for signing)"
+    )
+    with pytest.raises(KMSError) as untrusted:
+        backend.public_key(location, never_asked)
+    assert untrusted.value.diagnostics() == (
+        f"{name}: the key '{label}' on token 'T' is disabled (CKA_VERIFY false on its public key)"
+    )
+    assert backend.disable_key(location) == done
+    backend.close()  # logged out, so that another session may log in
+    assert token_attributes(label, ObjectClass.PRIVATE_KEY, Attribute.SIGN) == [False]
+    assert token_attributes(label, ObjectClass.PUBLIC_KEY, Attribute.VERIFY) == [False]
+
+    # Another process sees the same: one line, no traceback.
+    uri = f"pkcs11:{location}?module-path={MODULE}"
+    env = softhsm.env(tmp_path, COSIGN_PKCS11_PIN=PIN)
+    image = f"{registry.host}/pkcs11/{label}:v1"
+    for argv in (["sign", "--key", uri, image], ["verify", "--key", uri, image]):
+        result = signgate(*argv, env=env, cwd=tmp_path, check=False)
+        assert result.returncode == 1
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+        assert result.stderr.startswith(f"signgate: {name}: the key '{label}' ")
+        assert "disabled" in result.stderr
+
+
+def test_a_key_the_token_keeps_unmodifiable_cannot_be_disabled(
+    backend: Pkcs11Backend, tmp_path: Path
+) -> None:
+    label = f"fixed-{tmp_path.name}"
+    token = pkcs11.lib(MODULE).get_token(token_label=TOKEN)
+    with token.open(rw=True, user_pin=PIN) as session:
+        parameters = session.create_domain_parameters(
+            KeyType.EC, {Attribute.EC_PARAMS: bytes.fromhex("06082a8648ce3d030107")}, local=True
+        )
+        parameters.generate_keypair(
+            store=True,
+            label=label,
+            id=b"\x7f\x01",
+            public_template={Attribute.TOKEN: True, Attribute.PRIVATE: False},
+            private_template={
+                Attribute.TOKEN: True, Attribute.PRIVATE: True, Attribute.MODIFIABLE: False,
+            },
+        )
+    location = f"token={TOKEN};object={label}"
+    with pytest.raises(KMSError) as refused:
+        backend.disable_key(location)
+    assert refused.value.diagnostics() == (
+        f"pkcs11:{location}: the key '{label}' on token 'T' cannot be disabled: the token "
+        "keeps it unmodifiable (CKA_MODIFIABLE false)"
+    )
+    # Nothing was changed, not even the (modifiable) public key.
+    signer = backend.signer(location, never_asked)
+    assert signer.public_key().verify(signer.sign(PAYLOAD), PAYLOAD)
+    assert backend.public_key(location, never_asked) == signer.public_key()
+
+
+def test_disabling_a_missing_key(backend: Pkcs11Backend) -> None:
+    with pytest.raises(KMSError) as refused:
+        backend.disable_key(f"token={TOKEN};object=no-such-key")
+    assert refused.value.diagnostics() == (
+        f"pkcs11:token={TOKEN};object=no-such-key: no private key 'no-such-key' on token 'T'"
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import secrets
 import socket
 from collections.abc import Iterator
@@ -20,6 +21,13 @@ import pytest
 from signgate.errors import KMSError
 from signgate.keys.kms.vault import TransitBackend
 from signgate.keys.model import PublicKey
+from signgate.keys.refs import (
+    add_key_version,
+    create_key,
+    disable_key,
+    load_public_keys,
+    load_signer,
+)
 from signgate.reference import Repository
 from signgate.registry import RegistryClient, RegistryOptions
 from signgate.registry.images import push_image
@@ -131,6 +139,111 @@ def test_rotation_signs_with_the_latest_version_and_verifiers_trust_every_versio
         backend.signer(f"{key_name}?version=9", no_password)
 
 
+# Retiring versions and adding new ones, through the reference functions rotation calls.
+
+
+@pytest.fixture
+def vault_env(openbao: OpenBaoServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process environment pointing hashivault:// references at the test server."""
+    for name in list(os.environ):
+        if name.startswith(("VAULT_", "BAO_")) or name == "TRANSIT_SECRET_ENGINE_PATH":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("VAULT_ADDR", openbao.address)
+    monkeypatch.setenv("VAULT_TOKEN", openbao.root_token)
+
+
+@pytest.mark.usefixtures("vault_env")
+def test_a_new_version_signs_and_retiring_the_old_one_ends_trust_in_it(
+    openbao: OpenBaoServer, key_name: str
+) -> None:
+    ref = f"hashivault://{key_name}"
+    old_ref = f"{ref}?version=1"
+    first = create_key(ref, no_password)
+    old_signature = load_signer(old_ref, no_password).sign(PAYLOAD)
+
+    second = add_key_version(ref)
+    assert second != first
+    assert openbao.key_data("transit", key_name)["latest_version"] == 2
+    signer = load_signer(ref, no_password)
+    assert signer.public_key() == second
+    assert second.verify(signer.sign(PAYLOAD), PAYLOAD)
+    # Until the old version is retired, verifiers of the reference trust both.
+    assert load_public_keys([ref], no_password) == [first, second]
+
+    shown = disable_key(old_ref)
+    assert shown == (
+        f"{old_ref}: version 1 retired in Vault at {openbao.address} "
+        "(min_decryption_version 2)"
+    )
+    trusted = load_public_keys([ref], no_password)
+    assert trusted == [second]
+    assert not any(key.verify(old_signature, PAYLOAD) for key in trusted)
+    with pytest.raises(KMSError) as refused:
+        load_signer(old_ref, no_password)
+    assert refused.value.diagnostics() == (
+        f"{old_ref}: the Transit key has no usable version 1 (it has version 2)"
+    )
+    # Transit itself refuses the retired version, whoever asks.
+    with pytest.raises(AssertionError, match="too old"):
+        transit_verifies(openbao, key_name, 1, old_signature)
+
+    assert disable_key(old_ref) == (
+        f"{old_ref}: version 1 retired already in Vault at {openbao.address}"
+    )
+    assert openbao.key_data("transit", key_name)["min_decryption_version"] == 2
+    assert second.verify(load_signer(ref, no_password).sign(PAYLOAD), PAYLOAD)
+
+
+@pytest.mark.usefixtures("vault_env")
+def test_retiring_a_version_retires_the_older_ones_and_keeps_min_encryption_in_step(
+    openbao: OpenBaoServer, key_name: str
+) -> None:
+    ref = f"hashivault://{key_name}"
+    create_key(ref, no_password)
+    add_key_version(ref)
+    third = add_key_version(ref)
+    # Transit refuses a min_decryption_version above a non-zero min_encryption_version.
+    openbao.api("POST", f"transit/keys/{key_name}/config", {"min_encryption_version": 2})
+
+    disable_key(f"{ref}?version=2")
+    data = openbao.key_data("transit", key_name)
+    assert (data["min_decryption_version"], data["min_encryption_version"]) == (3, 3)
+    assert load_public_keys([ref], no_password) == [third]
+    with pytest.raises(KMSError, match="no usable version 1 "):
+        load_signer(f"{ref}?version=1", no_password)
+    # Retiring an older version afterwards changes nothing: it is retired already.
+    assert disable_key(f"{ref}?version=1").endswith("version 1 retired already in Vault at "
+                                                    f"{openbao.address}")
+    assert openbao.key_data("transit", key_name)["min_decryption_version"] == 3
+
+
+@pytest.mark.usefixtures("vault_env")
+def test_transit_cannot_disable_a_whole_key_nor_retire_its_latest_version(
+    openbao: OpenBaoServer, key_name: str
+) -> None:
+    ref = f"hashivault://{key_name}"
+    create_key(ref, no_password)
+    with pytest.raises(KMSError) as whole:
+        disable_key(ref)
+    assert whole.value.diagnostics() == (
+        f"{ref}: Transit cannot disable a whole key, only retire its older versions; name the "
+        f"version to retire, as in {ref}?version=N (versions up to N are retired)"
+    )
+    with pytest.raises(KMSError) as latest:
+        disable_key(f"{ref}?version=1")
+    assert latest.value.diagnostics() == (
+        f"{ref}?version=1: version 1 is the Transit key's latest, which Transit cannot "
+        "retire; add a new version first (rotate the key)"
+    )
+    with pytest.raises(KMSError, match=r"\?version=5: the Transit key has no version 5"):
+        disable_key(f"{ref}?version=5")
+    assert openbao.key_data("transit", key_name)["min_decryption_version"] == 1
+    with pytest.raises(KMSError, match=f"no Transit key '{key_name}-none'"):
+        add_key_version(f"{ref}-none")
+    with pytest.raises(KMSError, match=f"no Transit key '{key_name}-none'"):
+        disable_key(f"{ref}-none?version=1")
+
+
 @pytest.mark.parametrize("key_type", ["aes256-gcm96", "rsa-2048", "ed25519", "ecdsa-p384"])
 def test_keys_of_another_type_are_refused_by_name(
     openbao: OpenBaoServer, tmp_path: Path, key_name: str, key_type: str
@@ -144,6 +257,10 @@ def test_keys_of_another_type_are_refused_by_name(
         assert f"hashivault://{key_name}" in message
         assert f"type {key_type}" in message
         assert "ecdsa-p256" in message
+    # Nor is a new version made of it.
+    with pytest.raises(KMSError, match=f"type {key_type}"):
+        backend.add_key_version(key_name)
+    assert openbao.key_data("transit", key_name)["latest_version"] == 1
 
 
 def test_missing_key_and_missing_mount(
@@ -265,7 +382,7 @@ def test_cli_signs_with_transit_and_cosign_verifies_across_a_rotation(
     repository = f"vault/{key_name}"
     first = push(registry.host, repository, b"first")
     first_image = f"{registry.host}/{repository}@{first}"
-    signgate("sign", "--key", ref, first_image, env=env, cwd=tmp_path)
+    signgate("sign", "--format", "classic", "--key", ref, first_image, env=env, cwd=tmp_path)
     signgate("verify", "--key", ref, first_image, env=env, cwd=tmp_path)
     for name, cosign in cosign_binaries.items():
         cosign_verify(cosign, name, tmp_path / "cosign.pub", first_image, env, tmp_path)
@@ -277,7 +394,7 @@ def test_cli_signs_with_transit_and_cosign_verifies_across_a_rotation(
     )
     second = push(registry.host, repository, b"second")
     second_image = f"{registry.host}/{repository}@{second}"
-    signgate("sign", "--key", ref, second_image, env=env, cwd=tmp_path)
+    signgate("sign", "--format", "classic", "--key", ref, second_image, env=env, cwd=tmp_path)
     for image in (first_image, second_image):
         signgate("verify", "--key", ref, image, env=env, cwd=tmp_path)
     cosign_verify(cosign_binaries["cosign2"], "cosign2", tmp_path / "v2.pub", second_image,

@@ -9,13 +9,15 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from signgate.errors import KeyMaterialError, WrongPassword
+from signgate.errors import KeyMaterialError, KMSError, WrongPassword
 from signgate.keys import files
 from signgate.keys.cosign_format import encrypt_private_key, parse_unencrypted_private_key
 from signgate.keys.model import PrivateKeySigner, PublicKey
 from signgate.keys.password import fixed_password
 from signgate.keys.refs import (
     KEY_BACKENDS,
+    add_key_version,
+    disable_key,
     load_public_key,
     load_public_keys,
     load_signer,
@@ -262,3 +264,38 @@ def test_missing_sdk_names_the_extra() -> None:
 
     with pytest.raises(KMSError, match=r"pkcs11: keys need .*pip install 'signgate\[pkcs11\]'"):
         require_extra("no_such_sdk_module", "pkcs11", "pkcs11")
+
+
+@pytest.mark.parametrize(
+    ("ref", "shown", "kept"),
+    [
+        ("cosign.key", "cosign.key", "file"),
+        ("/keys/cosign.pub", "/keys/cosign.pub", "file"),
+        ("env://COSIGN_KEY", "env://COSIGN_KEY", "in an environment variable"),
+    ],
+)
+def test_files_and_env_keys_are_neither_disabled_nor_versioned(
+    ref: str, shown: str, kept: str
+) -> None:
+    with pytest.raises(KeyMaterialError) as disabled:
+        disable_key(ref)
+    assert disabled.value.diagnostics() == (
+        f"{shown}: a key {kept} cannot be disabled; stop using it and delete it yourself "
+        "once no verifier trusts it"
+    )
+    with pytest.raises(KeyMaterialError) as versioned:
+        add_key_version(ref)
+    assert versioned.value.diagnostics() == (
+        f"{shown}: a key {kept} has no versions; rotate to a new key instead"
+    )
+    assert not isinstance(disabled.value, KMSError)
+
+
+def test_kms_refusals_never_show_a_pin() -> None:
+    ref = "pkcs11:token=T;object=k?module-path=/nowhere.so&pin-value=secret-1234"
+    with pytest.raises(KMSError) as refused:
+        add_key_version(ref)
+    assert refused.value.diagnostics() == (
+        "pkcs11:token=T;object=k?module-path=/nowhere.so&pin-value=***: pkcs11: keys have no "
+        "versions; rotate to a new key instead"
+    )

@@ -14,6 +14,7 @@ from signgate.keys.kms.aws import (
     AwsKmsBackend,
     describe_failure,
     error_code,
+    key_state_problem,
     parse_reference,
     signing_key_problem,
 )
@@ -171,6 +172,27 @@ MOTO_DENIED_XML = (
     "</Code><Message>User: arn:aws:iam::123456789012:user/signer is not authorized to perform:"
     " kms:Sign</Message><Type>Sender</Type></Error></Errors></ErrorResponse>"
 )
+
+
+@pytest.mark.parametrize(
+    ("metadata", "problem"),
+    [
+        ({"KeyState": "Enabled", "Enabled": True}, None),
+        ({"Enabled": True}, None),  # an older answer without KeyState
+        ({"KeyState": "Disabled", "Enabled": False}, "the key is disabled"),
+        ({"Enabled": False}, "the key is in state unknown, not Enabled"),
+        ({"KeyState": "PendingDeletion"}, "the key is pending deletion"),
+        ({"KeyState": "PendingReplicaDeletion"}, "the key is pending deletion"),
+        (
+            {"KeyState": "Unavailable"},
+            "the key is unavailable (its custom key store is disconnected)",
+        ),
+        ({"KeyState": "PendingImport"}, "the key has no key material yet (PendingImport)"),
+        ({"KeyState": "Updating"}, "the key is in state Updating, not Enabled"),
+    ],
+)
+def test_key_state_problem(metadata: dict[str, Any], problem: str | None) -> None:
+    assert key_state_problem(metadata) == problem
 
 
 def test_error_code_reads_through_motos_xml_answers() -> None:

@@ -51,15 +51,18 @@ from signgate.keys.kms.azure import (
 )
 from signgate.keys.model import PublicKey
 from signgate.keys.password import PasswordSource
-from signgate.keys.refs import KeyBackend, KeyCreator, VersionedKeys
+from signgate.keys.refs import KeyBackend, KeyCreator, KeyDisabler, KeyVersioner, VersionedKeys
 from signgate.reference import ImageReference
 from signgate.registry import RegistryClient
 from signgate.registry.images import push_image
+from signgate.signatures.formats import SignatureFormat
 from signgate.signatures.sign import sign_image
 from signgate.signatures.verify import ImageVerification, verify_image
 from tests.integration.registry_servers import RunningRegistry, running_registry
 from tests.integration.tools import run, tool_env, tool_path
 
+# cosign 2 reads only the classic signature image.
+CLASSIC = SignatureFormat.CLASSIC
 PAYLOAD = b'{"critical":{"type":"cosign container image signature"},"optional":null}'
 TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.double-token-secret.signature"
@@ -135,8 +138,10 @@ class KeyVaultDouble(HttpTransport[HttpRequest, HttpResponse]):
     Key Vault's ``WWW-Authenticate: Bearer authorization=..., resource=...`` challenge; a key
     bundle is ``{"key": JWK, "attributes": {...}, "tags": {...}}`` with base64url JWK members;
     ``versions`` pages with ``nextLink``; ``sign`` takes ``{"alg", "value"}`` and returns the
-    JWS signature (raw r||s for ES256) as ``{"kid", "value"}``; errors are
-    ``{"error": {"code", "message"}}`` with Key Vault's codes. ``faults`` makes an operation
+    JWS signature (raw r||s for ES256) as ``{"kid", "value"}``; ``PATCH /keys/NAME/VERSION``
+    (update key) takes ``{"attributes": {"enabled": ...}}`` and returns the bundle; a create on
+    an existing name adds a version; errors are ``{"error": {"code", "message"}}`` with Key
+    Vault's codes. ``faults`` makes an operation
     fail with a status; ``short_signatures`` trims the signatures it returns.
     """
 
@@ -250,6 +255,11 @@ class KeyVaultDouble(HttpTransport[HttpRequest, HttpResponse]):
             return 200, self._bundle(groups[0], version), {}
         if operation == "sign":
             return self._sign(groups[0], version, request.body)
+        if operation == "update_key":
+            attributes = request.body.get("attributes") or {}
+            if "enabled" in attributes:
+                version.enabled = bool(attributes["enabled"])
+            return 200, self._bundle(groups[0], version), {}
         return 400, _error("BadParameter", "not an operation the double knows"), {}
 
     def _create(self, name: str, body: Any) -> tuple[int, Any, dict[str, str]]:
@@ -348,6 +358,7 @@ _ROUTES = [
     ("GET", re.compile(r"/keys/([^/]+)/([^/]*)"), "get_key"),
     ("POST", re.compile(r"/keys/([^/]+)/create"), "create_key"),
     ("POST", re.compile(r"/keys/([^/]+)/([^/]+)/sign"), "sign"),
+    ("PATCH", re.compile(r"/keys/([^/]+)/([^/]*)"), "update_key"),
 ]
 
 
@@ -521,6 +532,8 @@ def test_the_module_backend_is_every_kind_of_backend() -> None:
     assert isinstance(backend, KeyBackend)
     assert isinstance(backend, KeyCreator)
     assert isinstance(backend, VersionedKeys)
+    assert isinstance(backend, KeyDisabler)
+    assert isinstance(backend, KeyVersioner)
 
 
 # --- signing --------------------------------------------------------------------------------
@@ -796,6 +809,124 @@ def test_create_key_permission_denied(vault: Vault) -> None:
         vault.backend.create_key(vault.ref(), NO_PASSWORD)
 
 
+# --- retiring versions and adding new ones -------------------------------------------------
+
+
+def test_disabling_a_version_stops_its_signing_and_the_trust_in_it(vault: Vault) -> None:
+    old = vault.double.add_version("signer")
+    current = vault.double.add_version("signer")
+    old_ref = vault.ref(version=old.version)
+    old_signature = vault.backend.signer(old_ref, NO_PASSWORD).sign(PAYLOAD)
+
+    assert vault.backend.disable_key(old_ref) == (
+        f"azurekms://{old_ref}: disabled in Azure Key Vault"
+    )
+    assert old.enabled is False
+    (update,) = vault.double.calls("update_key")
+    assert update.path == f"/keys/signer/{old.version}"
+    assert update.body["attributes"] == {"enabled": False}
+    trusted = vault.backend.public_keys(vault.ref(), NO_PASSWORD)
+    assert trusted == [vault.double.public_key(current)]
+    assert not any(key.verify(old_signature, PAYLOAD) for key in trusted)
+    for use in (vault.backend.signer, vault.backend.public_keys):
+        with pytest.raises(KMSError) as caught:
+            use(old_ref, NO_PASSWORD)
+        assert caught.value.diagnostics() == (
+            f"azurekms://{old_ref}: version {old.version} is disabled"
+        )
+
+    assert vault.backend.disable_key(old_ref) == (
+        f"azurekms://{old_ref}: disabled already in Azure Key Vault"
+    )
+    assert len(vault.double.calls("update_key")) == 1
+
+
+def test_without_a_version_the_only_enabled_version_is_disabled(vault: Vault) -> None:
+    vault.double.add_version("signer", enabled=False)
+    current = vault.double.add_version("signer")
+    assert vault.backend.disable_key(vault.ref()) == (
+        f"azurekms://{vault.ref(version=current.version)}: disabled in Azure Key Vault"
+    )
+    assert current.enabled is False
+    with pytest.raises(KMSError, match=f"version {current.version} is disabled"):
+        vault.backend.signer(vault.ref(), NO_PASSWORD)
+    assert vault.backend.disable_key(vault.ref()) == (
+        f"azurekms://{vault.ref()}: no enabled version left in Azure Key Vault"
+    )
+
+
+def test_without_a_version_a_key_with_several_enabled_versions_is_refused(vault: Vault) -> None:
+    first = vault.double.add_version("signer")
+    second = vault.double.add_version("signer")
+    vault.double.add_version("signer", enabled=False)
+    with pytest.raises(KMSError) as caught:
+        vault.backend.disable_key(vault.ref())
+    assert caught.value.diagnostics() == (
+        f"azurekms://{vault.ref()}: the key has 2 enabled versions ({second.version}, "
+        f"{first.version}); name the one to disable, as in "
+        f"azurekms://{vault.ref(version=first.version)}"
+    )
+    assert vault.double.calls("update_key") == []
+
+
+def test_disabling_without_permission_names_the_action(vault: Vault) -> None:
+    version = vault.double.add_version("signer")
+    vault.double.faults["update_key"] = (403, "Forbidden", "Caller is not authorized.")
+    with pytest.raises(KMSError) as caught:
+        vault.backend.disable_key(vault.ref(version=version.version))
+    assert caught.value.diagnostics() == (
+        f"azurekms://{vault.ref(version=version.version)}: permission denied to disable the "
+        "key version (HTTP 403 Forbidden): the identity needs the key permission or a Key "
+        "Vault Crypto role"
+    )
+
+
+def test_a_new_version_signs_and_both_are_trusted_until_the_old_is_disabled(
+    vault: Vault,
+) -> None:
+    old = vault.double.add_version(
+        "signer", kty="EC-HSM", key_ops=["sign", "verify"], tags={"use": "sigstore"}
+    )
+
+    new_key = vault.backend.add_key_version(vault.ref())
+
+    (create,) = vault.double.calls("create_key")
+    assert create.path == "/keys/signer/create"
+    assert (create.body["kty"], create.body["crv"]) == ("EC-HSM", "P-256")
+    assert create.body["key_ops"] == ["sign", "verify"]
+    assert create.body["tags"] == {"use": "sigstore"}
+    _, new = vault.double.keys["signer"]
+    assert new_key == vault.double.public_key(new)
+    signer = vault.backend.signer(vault.ref(), NO_PASSWORD)
+    assert signer.public_key() == new_key
+    assert new_key.verify(signer.sign(PAYLOAD), PAYLOAD)
+    assert vault.double.calls("sign")[-1].path == f"/keys/signer/{new.version}/sign"
+    assert vault.backend.public_keys(vault.ref(), NO_PASSWORD) == [
+        new_key, vault.double.public_key(old)
+    ]
+
+    vault.backend.disable_key(vault.ref(version=old.version))
+    assert vault.backend.public_keys(vault.ref(), NO_PASSWORD) == [new_key]
+
+
+def test_no_new_version_of_a_missing_key_or_one_of_another_type(vault: Vault) -> None:
+    with pytest.raises(KMSError) as missing:
+        vault.backend.add_key_version(vault.ref())
+    assert missing.value.diagnostics() == (
+        f"azurekms://{vault.ref()}: no such key in Azure Key Vault {vault.double.vault_host}"
+    )
+    vault.double.add_version(
+        "signer", kty="RSA", private_key=rsa.generate_private_key(public_exponent=65537,
+                                                                  key_size=2048)
+    )
+    with pytest.raises(KMSError) as other_type:
+        vault.backend.add_key_version(vault.ref())
+    assert other_type.value.diagnostics() == (
+        f"azurekms://{vault.ref()}: the key is RSA; signgate needs an EC P-256 key"
+    )
+    assert vault.double.calls("create_key") == []
+
+
 # --- an image, end to end -------------------------------------------------------------------
 
 
@@ -821,7 +952,12 @@ def test_an_image_signed_through_key_vault_verifies_in_signgate_and_cosign(
         async with RegistryClient(registry.options()) as client:
             await push_image(client, registry.repository("azurekms/app"), "v1", content=b"az")
             reference = ImageReference.parse(image)
-            await sign_image(client, vault.backend.signer(vault.ref(), NO_PASSWORD), reference)
+            await sign_image(
+                client,
+                vault.backend.signer(vault.ref(), NO_PASSWORD),
+                reference,
+                signature_format=CLASSIC,
+            )
             return await verify_image(
                 client, reference, vault.backend.public_keys(vault.ref(), NO_PASSWORD)
             )

@@ -33,10 +33,11 @@ from signgate.keys.kms import gcp
 from signgate.keys.kms.gcp import GcpKeyName, GcpKms, crc32c, parse_gcp_key_name
 from signgate.keys.model import PublicKey
 from signgate.keys.password import PasswordSource
-from signgate.keys.refs import KeyBackend, KeyCreator, VersionedKeys
+from signgate.keys.refs import KeyBackend, KeyCreator, KeyDisabler, KeyVersioner, VersionedKeys
 from signgate.reference import ImageReference
 from signgate.registry import RegistryClient
 from signgate.registry.images import push_image
+from signgate.signatures.formats import SignatureFormat
 from signgate.signatures.sign import sign_image
 from signgate.signatures.verify import ImageVerification, verify_image
 from tests.integration.registry_servers import RunningRegistry, running_registry
@@ -49,6 +50,8 @@ Purpose = kms_v1.CryptoKey.CryptoKeyPurpose
 
 RING = "projects/signgate-test/locations/europe-west1/keyRings/release"
 KEY = f"{RING}/cryptoKeys/signer"
+# cosign 2 reads only the classic signature image.
+CLASSIC = SignatureFormat.CLASSIC
 PAYLOAD = b'{"critical":{"type":"cosign container image signature"},"optional":null}'
 
 
@@ -85,8 +88,11 @@ class CloudKmsDouble:
     ``pem_crc32c``, ``algorithm``, ``name`` and ``protection_level``; AsymmetricSign fills
     ``signature`` (ASN.1 DER for EC keys), ``signature_crc32c``, ``verified_digest_crc32c``,
     ``name`` and ``protection_level``; errors carry the status codes and message forms the
-    service uses. ``faults`` makes a method fail with a given status; ``corruptions`` damages
-    one integrity field of a reply. Every request is kept in ``requests``.
+    service uses. CreateCryptoKeyVersion makes the next version after the key's newest (its
+    algorithm standing in for the key's version template); UpdateCryptoKeyVersion changes only
+    ``state``, between ENABLED and DISABLED. ``faults`` makes a method fail with a given status;
+    ``corruptions`` damages one integrity field of a reply. Every request is kept in
+    ``requests``.
     """
 
     SERVICE = "google.cloud.kms.v1.KeyManagementService"
@@ -133,6 +139,16 @@ class CloudKmsDouble:
             "CreateKeyRing": (self.create_key_ring, kms_v1.CreateKeyRingRequest, kms_v1.KeyRing),
             "CreateCryptoKey": (
                 self.create_crypto_key, kms_v1.CreateCryptoKeyRequest, kms_v1.CryptoKey,
+            ),
+            "CreateCryptoKeyVersion": (
+                self.create_crypto_key_version,
+                kms_v1.CreateCryptoKeyVersionRequest,
+                kms_v1.CryptoKeyVersion,
+            ),
+            "UpdateCryptoKeyVersion": (
+                self.update_crypto_key_version,
+                kms_v1.UpdateCryptoKeyVersionRequest,
+                kms_v1.CryptoKeyVersion,
             ),
             "GetCryptoKeyVersion": (
                 self.get_crypto_key_version,
@@ -214,6 +230,48 @@ class CloudKmsDouble:
         return kms_v1.CryptoKey(
             name=name, purpose=request.crypto_key.purpose, version_template=template
         )
+
+    def create_crypto_key_version(self, request: Any, context: grpc.ServicerContext) -> Any:
+        key = self.keys.get(request.parent)
+        if key is None:
+            abort(context, grpc.StatusCode.NOT_FOUND, f"CryptoKey {request.parent} not found.")
+        assert key is not None
+        newest = key.versions[max(key.versions)]
+        number = max(key.versions) + 1
+        key.versions[number] = VersionDouble(
+            newest.algorithm,
+            State.PENDING_GENERATION,
+            _private_key_for(newest.algorithm),
+            newest.protection_level,
+            pending_reads=self.new_version_pending_reads,
+        )
+        path = f"{request.parent}/cryptoKeyVersions/{number}"
+        return self._version_message(path, key.versions[number])
+
+    def update_crypto_key_version(self, request: Any, context: grpc.ServicerContext) -> Any:
+        path = request.crypto_key_version.name
+        version = self._version(path, context)
+        if list(request.update_mask.paths) != ["state"]:
+            abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, "unsupported update_mask in the double"
+            )
+        settable = (State.ENABLED, State.DISABLED)
+        if request.crypto_key_version.state not in settable:
+            abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "The request cannot be fulfilled. crypto_key_version.state must be ENABLED or "
+                "DISABLED.",
+            )
+        if version.state not in settable:
+            abort(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"The request cannot be fulfilled. Resource {path} has value "
+                f"{State(version.state).name} in field crypto_key_version.state.",
+            )
+        version.state = request.crypto_key_version.state
+        return self._version_message(path, version)
 
     def get_crypto_key_version(self, request: Any, context: grpc.ServicerContext) -> Any:
         version = self._version(request.name, context)
@@ -461,6 +519,8 @@ def test_the_module_backend_is_every_kind_of_backend() -> None:
     assert isinstance(backend, KeyBackend)
     assert isinstance(backend, KeyCreator)
     assert isinstance(backend, VersionedKeys)
+    assert isinstance(backend, KeyDisabler)
+    assert isinstance(backend, KeyVersioner)
 
 
 # --- signing --------------------------------------------------------------------------------
@@ -794,6 +854,117 @@ def test_an_unknown_protection_level_is_refused() -> None:
         GcpKms(protection_level="EXTERNAL")
 
 
+# --- retiring versions and adding new ones -------------------------------------------------
+
+
+def test_disabling_a_version_stops_its_signing_and_the_trust_in_it(kms: Kms) -> None:
+    p256_key(kms, {1: State.ENABLED, 2: State.ENABLED})
+    old = f"{KEY}/cryptoKeyVersions/1"
+    old_signature = kms.backend.signer(old, NO_PASSWORD).sign(PAYLOAD)
+
+    assert kms.backend.disable_key(old) == f"gcpkms://{old}: DISABLED in Cloud KMS"
+    assert kms.double.keys[KEY].versions[1].state == State.DISABLED
+    (update,) = kms.double.calls("UpdateCryptoKeyVersion")
+    assert update.crypto_key_version.name == old
+    assert list(update.update_mask.paths) == ["state"]
+    trusted = kms.backend.public_keys(KEY, NO_PASSWORD)
+    assert trusted == [kms.double.public_key(f"{KEY}/cryptoKeyVersions/2")]
+    assert not any(key.verify(old_signature, PAYLOAD) for key in trusted)
+    for use in (kms.backend.signer, kms.backend.public_keys):
+        with pytest.raises(KMSError) as caught:
+            use(old, NO_PASSWORD)
+        assert caught.value.diagnostics() == (
+            f"gcpkms://{old}: version 1 is DISABLED; signgate uses ENABLED versions"
+        )
+
+    assert kms.backend.disable_key(old) == f"gcpkms://{old}: DISABLED already in Cloud KMS"
+    assert len(kms.double.calls("UpdateCryptoKeyVersion")) == 1
+
+
+def test_without_a_version_the_only_enabled_version_is_disabled(kms: Kms) -> None:
+    p256_key(kms, {1: State.DISABLED, 2: State.ENABLED})
+    assert kms.backend.disable_key(KEY) == (
+        f"gcpkms://{KEY}/cryptoKeyVersions/2: DISABLED in Cloud KMS"
+    )
+    assert kms.double.keys[KEY].versions[2].state == State.DISABLED
+    with pytest.raises(KMSError, match="the key has no ENABLED version"):
+        kms.backend.signer(KEY, NO_PASSWORD)
+    assert kms.backend.disable_key(KEY) == f"gcpkms://{KEY}: no ENABLED version left in Cloud KMS"
+
+
+def test_without_a_version_a_key_with_several_enabled_versions_is_refused(kms: Kms) -> None:
+    p256_key(kms, {1: State.ENABLED, 2: State.ENABLED, 3: State.DISABLED})
+    with pytest.raises(KMSError) as caught:
+        kms.backend.disable_key(KEY)
+    assert caught.value.diagnostics() == (
+        f"gcpkms://{KEY}: the key has 2 ENABLED versions (2, 1); name the one to disable, as "
+        f"in gcpkms://{KEY}/cryptoKeyVersions/1"
+    )
+    assert kms.double.calls("UpdateCryptoKeyVersion") == []
+
+
+def test_versions_scheduled_for_destruction_are_left_as_they_are(kms: Kms) -> None:
+    p256_key(kms, {1: State.DESTROY_SCHEDULED, 2: State.ENABLED})
+    assert kms.backend.disable_key(f"{KEY}/cryptoKeyVersions/1") == (
+        f"gcpkms://{KEY}/cryptoKeyVersions/1: DESTROY_SCHEDULED already in Cloud KMS"
+    )
+    assert kms.double.calls("UpdateCryptoKeyVersion") == []
+
+
+def test_disabling_without_permission_names_the_action(kms: Kms) -> None:
+    p256_key(kms, {1: State.ENABLED, 2: State.ENABLED})
+    denial = (
+        "Permission 'cloudkms.cryptoKeyVersions.update' denied on resource "
+        f"'{KEY}/cryptoKeyVersions/1' (or it may not exist)."
+    )
+    kms.double.faults["UpdateCryptoKeyVersion"] = (grpc.StatusCode.PERMISSION_DENIED, denial)
+    with pytest.raises(KMSError) as caught:
+        kms.backend.disable_key(f"{KEY}/cryptoKeyVersions/1")
+    assert caught.value.diagnostics() == (
+        f"gcpkms://{KEY}/cryptoKeyVersions/1: permission denied to disable the key version "
+        f"({denial})"
+    )
+
+
+def test_a_new_version_signs_and_both_are_trusted_until_the_old_is_disabled(kms: Kms) -> None:
+    p256_key(kms, {1: State.ENABLED})
+    first = kms.double.public_key(f"{KEY}/cryptoKeyVersions/1")
+    kms.double.new_version_pending_reads = 2
+
+    second = kms.backend.add_key_version(KEY)
+
+    (create,) = kms.double.calls("CreateCryptoKeyVersion")
+    assert create.parent == KEY
+    assert second == kms.double.public_key(f"{KEY}/cryptoKeyVersions/2")
+    assert kms.double.keys[KEY].versions[2].state == State.ENABLED
+    signer = kms.backend.signer(KEY, NO_PASSWORD)
+    assert signer.public_key() == second
+    assert second.verify(signer.sign(PAYLOAD), PAYLOAD)
+    assert kms.double.calls("AsymmetricSign")[-1].name == f"{KEY}/cryptoKeyVersions/2"
+    assert kms.backend.public_keys(KEY, NO_PASSWORD) == [second, first]
+
+    kms.backend.disable_key(f"{KEY}/cryptoKeyVersions/1")
+    assert kms.backend.public_keys(KEY, NO_PASSWORD) == [second]
+    # A reference pinned to a version names the same key.
+    third = kms.backend.add_key_version(f"{KEY}/cryptoKeyVersions/2")
+    assert kms.backend.public_key(KEY, NO_PASSWORD) == third
+
+
+def test_a_new_version_of_a_missing_key_or_one_that_fails_to_generate(kms: Kms) -> None:
+    with pytest.raises(KMSError) as caught:
+        kms.backend.add_key_version(KEY)
+    assert caught.value.diagnostics() == (
+        f"gcpkms://{KEY}: not found in Cloud KMS (CryptoKey {KEY} not found.)"
+    )
+    p256_key(kms, {1: State.ENABLED})
+    kms.double.new_version_final_state = State.GENERATION_FAILED
+    with pytest.raises(KMSError) as failed:
+        kms.backend.add_key_version(KEY)
+    assert failed.value.diagnostics() == (
+        f"gcpkms://{KEY}: version 2 is GENERATION_FAILED; signgate uses ENABLED versions"
+    )
+
+
 # --- an image, end to end -------------------------------------------------------------------
 
 
@@ -818,7 +989,12 @@ def test_an_image_signed_through_cloud_kms_verifies_in_signgate_and_cosign(
         async with RegistryClient(registry.options()) as client:
             await push_image(client, registry.repository("gcpkms/app"), "v1", content=b"gcp")
             reference = ImageReference.parse(image)
-            await sign_image(client, kms.backend.signer(KEY, NO_PASSWORD), reference)
+            await sign_image(
+                client,
+                kms.backend.signer(KEY, NO_PASSWORD),
+                reference,
+                signature_format=CLASSIC,
+            )
             return await verify_image(
                 client, reference, kms.backend.public_keys(KEY, NO_PASSWORD)
             )

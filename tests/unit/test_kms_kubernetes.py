@@ -23,7 +23,16 @@ from signgate.keys.kms.kubernetes import (
     secret_manifest,
     status_message,
 )
-from signgate.keys.refs import KeyBackend, KeyCreator, VersionedKeys, split_key_ref
+from signgate.keys.refs import (
+    KeyBackend,
+    KeyCreator,
+    KeyDisabler,
+    KeyVersioner,
+    VersionedKeys,
+    add_key_version,
+    disable_key,
+    split_key_ref,
+)
 
 SA_DIR = Path("/sa")
 HOME_CONFIG = Path("/home/u/.kube/config")
@@ -89,6 +98,24 @@ def test_the_scheme_reaches_this_backend() -> None:
     assert isinstance(keys, KeyBackend)
     assert isinstance(keys, KeyCreator)
     assert not isinstance(keys, VersionedKeys)
+    assert not isinstance(keys, KeyDisabler)
+    assert not isinstance(keys, KeyVersioner)
+
+
+def test_a_secret_is_neither_disabled_nor_versioned_and_no_cluster_is_asked() -> None:
+    # No kubeconfig nor service account is set up here: a refusal that tried the API server
+    # would complain about the configuration instead.
+    with pytest.raises(KMSError) as disabled:
+        disable_key("k8s://signing/release-key")
+    assert disabled.value.diagnostics() == (
+        "k8s://signing/release-key: k8s:// keys cannot be disabled: their store has no "
+        "disabled state; delete the key yourself once no verifier trusts it"
+    )
+    with pytest.raises(KMSError) as versioned:
+        add_key_version("k8s://signing/release-key")
+    assert versioned.value.diagnostics() == (
+        "k8s://signing/release-key: k8s:// keys have no versions; rotate to a new key instead"
+    )
 
 
 # --- which configuration: client-go's loading rules -----------------------------------------

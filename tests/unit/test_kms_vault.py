@@ -18,10 +18,18 @@ from signgate.keys.kms.vault import (
     describe_transit_key,
     parse_signature_reply,
     parse_transit_ref,
+    retirement_config,
     transit_settings,
 )
 from signgate.keys.model import PublicKey
-from signgate.keys.refs import KeyBackend, KeyCreator, VersionedKeys, split_key_ref
+from signgate.keys.refs import (
+    KeyBackend,
+    KeyCreator,
+    KeyDisabler,
+    KeyVersioner,
+    VersionedKeys,
+    split_key_ref,
+)
 
 
 @pytest.mark.parametrize(
@@ -220,6 +228,49 @@ def test_a_version_outside_the_trusted_range_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
+    ("version", "fields", "config"),
+    [
+        # Retiring version N raises min_decryption_version to N+1...
+        (1, {}, {"min_decryption_version": 2}),
+        (3, {}, {"min_decryption_version": 4}),
+        (2, {"min_decryption_version": 2}, {"min_decryption_version": 3}),
+        # ...and a non-zero min_encryption_version with it, never leaving it below.
+        (2, {"min_encryption_version": 2}, {"min_decryption_version": 3,
+                                            "min_encryption_version": 3}),
+        (2, {"min_encryption_version": 3}, {"min_decryption_version": 3}),
+        (1, {"min_encryption_version": 4}, {"min_decryption_version": 2}),
+        # Retired already: nothing to change, never a lower minimum.
+        (1, {"min_decryption_version": 2}, None),
+        (2, {"min_decryption_version": 4}, None),
+    ],
+)
+def test_retiring_a_version_raises_the_minimum_versions(
+    version: int, fields: dict[str, int], config: dict[str, int] | None
+) -> None:
+    data, _ = key_reply(range(1, 5), **fields)
+    ref = TransitKeyRef("hashivault", "release", version)
+    assert retirement_config(ref, data) == config
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [
+        (None, "hashivault://release: Transit cannot disable a whole key, only retire its older "
+               "versions; name the version to retire, as in hashivault://release?version=N "
+               "(versions up to N are retired)"),
+        (4, "hashivault://release?version=4: version 4 is the Transit key's latest, which "
+            "Transit cannot retire; add a new version first (rotate the key)"),
+        (5, "hashivault://release?version=5: the Transit key has no version 5 (latest 4)"),
+    ],
+)
+def test_what_transit_cannot_retire(version: int | None, message: str) -> None:
+    data, _ = key_reply(range(1, 5))
+    with pytest.raises(KMSError) as refused:
+        retirement_config(TransitKeyRef("hashivault", "release", version), data)
+    assert refused.value.diagnostics() == message
+
+
+@pytest.mark.parametrize(
     ("key_type", "keys"),
     [
         ("aes256-gcm96", {"1": 1796402403}),
@@ -280,3 +331,5 @@ def test_both_schemes_reach_a_backend_that_creates_and_has_versions(scheme: str)
     assert isinstance(backend, KeyBackend)
     assert isinstance(backend, KeyCreator)
     assert isinstance(backend, VersionedKeys)
+    assert isinstance(backend, KeyDisabler)
+    assert isinstance(backend, KeyVersioner)

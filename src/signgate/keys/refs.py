@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from signgate.errors import KeyMaterialError
+from signgate.errors import KeyMaterialError, KMSError
 from signgate.keys.cosign_format import (
     ENCRYPTED_PRIVATE_KEY_LABELS,
     PUBLIC_KEY_LABEL,
@@ -54,6 +54,29 @@ class VersionedKeys(Protocol):
     """A backend whose keys have versions: every version a verifier should trust."""
 
     def public_keys(self, location: str, password: PasswordSource) -> list[PublicKey]: ...
+
+
+@runtime_checkable
+class KeyDisabler(Protocol):
+    """A backend that can take a key, or one version of it, out of use without deleting it."""
+
+    def disable_key(self, location: str) -> str:
+        """Disable what ``location`` names so that it can no longer sign and verifiers stop
+        loading it; harmless if it is disabled already. Return a one-line description of what
+        was disabled, without secrets; refuse with :class:`~signgate.errors.KMSError` where
+        the KMS cannot do it, saying why."""
+        ...
+
+
+@runtime_checkable
+class KeyVersioner(Protocol):
+    """A backend whose keys have versions and can be given a new one."""
+
+    def add_key_version(self, location: str) -> PublicKey:
+        """Make a new version of the key ``location`` names (a version in it is ignored: the
+        key is the same) and return the new version's public key; the key's unversioned
+        reference signs with it from then on."""
+        ...
 
 
 class FileBackend:
@@ -154,6 +177,67 @@ def create_key(ref: str, password: PasswordSource) -> PublicKey:
     if not isinstance(backend, KeyCreator):
         raise KeyMaterialError(f"{ref}: keys cannot be created there; use a KMS reference")
     return backend.create_key(location, password)
+
+
+def disable_key(ref: str) -> str:
+    """Disable (never delete) the key or key version at a KMS reference; what was disabled.
+
+    Afterwards it no longer signs, and loading the reference's public keys no longer gives it
+    (a versioned key's reference skips disabled versions; a reference naming only disabled
+    keys is an error). A second call is harmless. Where a key has versions, a reference without
+    one stands for all its live versions, so it is refused when there are several rather than
+    guessed at: name the version. By KMS:
+
+    - Vault/OpenBao Transit: ``?version=N`` retires N and every older version (Transit keeps
+      versions by a ``min_decryption_version`` threshold); the latest version and a reference
+      without a version are refused.
+    - AWS KMS: DisableKey (an alias keeps pointing to the disabled key).
+    - Cloud KMS and Azure Key Vault: the version's state DISABLED / ``enabled`` false; without
+      a version, the key's only enabled version.
+    - PKCS#11: ``CKA_SIGN`` false on the private key and ``CKA_VERIFY`` false on its public
+      key object, if the token lets them change.
+    - Kubernetes Secrets, key files and ``env://`` keys: refused (KMSError, KeyMaterialError).
+    """
+    backend, location = _backend_for(ref)
+    if not isinstance(backend, KeyDisabler):
+        raise _refusal(
+            ref,
+            "cannot be disabled; stop using it and delete it yourself once no verifier trusts it",
+            "cannot be disabled: their store has no disabled state; delete the key yourself "
+            "once no verifier trusts it",
+        )
+    return display_key_ref(backend.disable_key(location))
+
+
+def add_key_version(ref: str) -> PublicKey:
+    """A new version of the KMS key at ``ref`` (a version in ``ref`` is ignored); its public key.
+
+    The reference without a version signs with the new version from then on, and verifiers
+    that load it trust the new version next to the older live ones. Vault/OpenBao Transit
+    rotates the key, Cloud KMS makes a CryptoKeyVersion, Azure Key Vault creates the key again;
+    KMSs without key versions (AWS KMS, PKCS#11, Kubernetes Secrets) refuse: rotate to a new
+    key instead.
+    """
+    backend, location = _backend_for(ref)
+    if not isinstance(backend, KeyVersioner):
+        raise _refusal(
+            ref,
+            "has no versions; rotate to a new key instead",
+            "have no versions; rotate to a new key instead",
+        )
+    return backend.add_key_version(location)
+
+
+_KEPT_IN = {"": "file", "env": "in an environment variable"}
+
+
+def _refusal(ref: str, key_cannot: str, kms_keys_cannot: str) -> KeyMaterialError:
+    """Why ``ref`` cannot take the operation: a key file or ``env://`` key, or a KMS without it."""
+    shown = display_key_ref(ref)
+    scheme = split_key_ref(ref)[0]
+    if scheme in KEY_BACKENDS:
+        return KeyMaterialError(f"{shown}: a key {_KEPT_IN[scheme]} {key_cannot}")
+    return KMSError(f"{shown}: {_spelled(scheme)} keys {kms_keys_cannot}")
 
 
 def _backend_for(ref: str) -> tuple[KeyBackend, str]:

@@ -114,6 +114,27 @@ def signing_key_problem(response: Mapping[str, Any]) -> str | None:
     return f"the key is {spec} for {usage}; signgate needs {KEY_SPEC} for {KEY_USAGE}"
 
 
+# KeyState values in which a key does not sign, and what to say about them.
+_STATE_PROBLEMS: Final = {
+    "Disabled": "the key is disabled",
+    "PendingDeletion": "the key is pending deletion",
+    "PendingReplicaDeletion": "the key is pending deletion",
+    "Unavailable": "the key is unavailable (its custom key store is disconnected)",
+    "PendingImport": "the key has no key material yet (PendingImport)",
+    "Creating": "the key is still being created",
+}
+# Key states that already keep a key from signing: disabling leaves these as they are.
+_OUT_OF_USE_STATES: Final = frozenset({"Disabled", "PendingDeletion", "PendingReplicaDeletion"})
+
+
+def key_state_problem(metadata: Mapping[str, Any]) -> str | None:
+    """Why a key DescribeKey describes cannot be used now; None if it is Enabled."""
+    state = str(metadata.get("KeyState") or ("Enabled" if metadata.get("Enabled") else ""))
+    if state == "Enabled":
+        return None
+    return _STATE_PROBLEMS.get(state, f"the key is in state {state or 'unknown'}, not Enabled")
+
+
 _CREDENTIAL_CODES = frozenset(
     {
         "UnrecognizedClientException",
@@ -240,7 +261,16 @@ class AwsKms:
             raise KMSError(f"{self.where}: {describe_failure(e, operation)}") from e
 
     def public_key(self, key: str | None = None) -> tuple[PublicKey, str]:
-        """The key's public key and its key id (as KMS names it: the key ARN)."""
+        """The key's public key and its key id (as KMS names it: the key ARN); a KMSError if
+        the key is not enabled."""
+        # Real AWS refuses GetPublicKey and Sign on a disabled key, but moto answers both, so
+        # the state is read first: a disabled key gives the same one-line refusal on both.
+        # cosign reads the key's metadata too (fetchCMK calls DescribeKey), so the credentials
+        # cosign needs suffice: https://github.com/sigstore/sigstore/blob/main/pkg/signature/
+        # kms/aws/client.go
+        problem = key_state_problem(self._describe(key or self.ref.key))
+        if problem is not None:
+            raise KMSError(f"{self.where}: {problem}")
         response = self._call(
             "GetPublicKey", lambda: self._client.get_public_key(KeyId=key or self.ref.key)
         )
@@ -267,6 +297,21 @@ class AwsKms:
             ),
         )
         return response["Signature"]
+
+    def disable(self) -> str:
+        """DisableKey on the key the reference names (an alias stays, pointing to it)."""
+        metadata = self._describe(self.ref.key)
+        key_id = metadata["KeyId"]
+        state = metadata.get("KeyState")
+        if state in _OUT_OF_USE_STATES:
+            return f"{self.where}: key {key_id} is {state} already"
+        # DisableKey takes a key id or ARN, not an alias.
+        self._call("DisableKey", lambda: self._client.disable_key(KeyId=key_id))
+        return f"{self.where}: key {key_id} disabled"
+
+    def _describe(self, key: str) -> Mapping[str, Any]:
+        described = self._call("DescribeKey", lambda: self._client.describe_key(KeyId=key))
+        return described["KeyMetadata"]
 
     def create(self) -> PublicKey:
         """A new non-exportable P-256 signing key under the reference's alias."""
@@ -356,7 +401,11 @@ class AwsKmsSigner:
 
 
 class AwsKmsBackend:
-    """``awskms://`` references: sign, public key, create (under an alias)."""
+    """``awskms://`` references: sign, public key, create (under an alias), disable.
+
+    AWS KMS keys have no versions a reference can name (KMS rotates only symmetric key
+    material, behind the same key): moving to a new key pair means a new key.
+    """
 
     def signer(self, location: str, password: PasswordSource) -> Signer:
         kms = AwsKms.connect(parse_reference(location))
@@ -378,6 +427,13 @@ class AwsKmsBackend:
         kms = AwsKms.connect(parse_reference(location))
         try:
             return kms.create()
+        finally:
+            kms.close()
+
+    def disable_key(self, location: str) -> str:
+        kms = AwsKms.connect(parse_reference(location))
+        try:
+            return kms.disable()
         finally:
             kms.close()
 

@@ -12,6 +12,12 @@ Key versions: ``azurekms://HOST/KEY/VERSION`` pins one. Without it, signing uses
 current version, and a verifier trusts every enabled version, so rotating the key in Key Vault
 keeps the signatures already pushed valid until their version is disabled.
 
+Retiring and adding versions: disabling ``azurekms://HOST/KEY/VERSION`` sets that version's
+``enabled`` attribute to false (never deleted). A reference without a version stands for every
+enabled version, so disabling it disables the key's only enabled version and refuses a key with
+several: name the one meant. A new version is made as Key Vault makes one, by creating the key
+again under its name, with the current version's type, operations and tags.
+
 Key Vault signs the SHA-256 digest with ``ES256`` and returns raw r||s (JWS form); signgate
 stores ASN.1 DER, as cosign does.
 """
@@ -52,6 +58,7 @@ from azure.keyvault.keys import (  # noqa: E402
     KeyClient,
     KeyCurveName,
     KeyOperation,
+    KeyProperties,
     KeyType,
     KeyVaultKey,
 )
@@ -149,6 +156,13 @@ def _text(value: object) -> str:
     return str(value.value) if isinstance(value, Enum) else str(value)
 
 
+def _newest_first(versions: list[KeyProperties]) -> list[KeyProperties]:
+    oldest_first = sorted(
+        versions, key=lambda p: p.created_on.timestamp() if p.created_on else 0
+    )
+    return oldest_first[::-1]
+
+
 def der_from_jws(name: AzureKeyName, signature: bytes) -> bytes:
     """ASN.1 DER from the fixed-width r||s Key Vault returns for ES256."""
     if len(signature) != SIGNATURE_SIZE:
@@ -214,11 +228,10 @@ class AzureKeyVault:
                 # cosign needs only keys/get to verify; an identity without keys/list
                 # trusts the current version alone, as cosign does.
                 return [public_key_from_jwk(name, self._read_key(client, name, None))]
-            enabled = [p for p in listed if p.enabled and p.version]
+            enabled = _newest_first([p for p in listed if p.enabled and p.version])
             if not enabled:
                 raise KMSError(f"{name}: the key has no enabled version in Azure Key Vault")
-            enabled.sort(key=lambda p: p.created_on.timestamp() if p.created_on else 0)
-            keys = [self._read_key(client, name, p.version) for p in reversed(enabled)]
+            keys = [self._read_key(client, name, p.version) for p in enabled]
         return [public_key_from_jwk(name, key) for key in keys]
 
     def create_key(self, location: str, password: PasswordSource) -> PublicKey:
@@ -241,6 +254,46 @@ class AzureKeyVault:
                 key_operations=[KeyOperation.sign, KeyOperation.verify],
                 hardware_protected=self._hardware_protected,
                 tags={"use": "sigstore"},  # cosign's tag on the keys it makes
+            )
+        return public_key_from_jwk(name, key)
+
+    def disable_key(self, location: str) -> str:
+        """Set ``enabled`` false on the named version; without a version, on the key's only
+        enabled version (a key with several is refused)."""
+        name = parse_azure_key_name(location)
+        with self._errors(name, "disable the key version"), self._key_client(name) as client:
+            version = name.version
+            if version is None:
+                listed = client.list_properties_of_key_versions(name.key)
+                enabled = _newest_first([p for p in listed if p.enabled and p.version])
+                if not enabled:
+                    return f"{name}: no enabled version left in Azure Key Vault"
+                if len(enabled) > 1:
+                    versions = ", ".join(str(p.version) for p in enabled)
+                    raise KMSError(
+                        f"{name}: the key has {len(enabled)} enabled versions ({versions}); "
+                        f"name the one to disable, as in {name}/{enabled[-1].version}"
+                    )
+                version = enabled[0].version
+            shown = f"{SCHEME}://{name.vault_host}/{name.key}/{version}"
+            if client.get_key(name.key, version).properties.enabled is False:
+                return f"{shown}: disabled already in Azure Key Vault"
+            client.update_key_properties(name.key, version, enabled=False)
+        return f"{shown}: disabled in Azure Key Vault"
+
+    def add_key_version(self, location: str) -> PublicKey:
+        """A new version of the key, of the current version's type, operations and tags."""
+        name = parse_azure_key_name(location)
+        with self._errors(name, "create a key version"), self._key_client(name) as client:
+            current = client.get_key(name.key)
+            public_key_from_jwk(name, current)  # an EC P-256 key, or refused here
+            key = client.create_ec_key(
+                name.key,
+                curve=KeyCurveName.p_256,
+                key_operations=current.key_operations
+                or [KeyOperation.sign, KeyOperation.verify],
+                hardware_protected=current.key_type == KeyType.ec_hsm,
+                tags=current.properties.tags,
             )
         return public_key_from_jwk(name, key)
 

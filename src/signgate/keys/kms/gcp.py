@@ -12,6 +12,13 @@ in Cloud KMS, and cosign picks the latest enabled one too
 trusts every ENABLED version, so a key rotated inside Cloud KMS keeps the signatures already
 pushed valid until their version is disabled.
 
+Retiring and adding versions: disabling ``.../cryptoKeyVersions/V`` sets that version's state
+to DISABLED (never DESTROYED: it can be enabled again). A reference without a version stands for
+every ENABLED version, so disabling it disables the key's only ENABLED version and refuses a key
+with several (which one was meant is not for signgate to guess: name it). A new version of a key
+(CreateCryptoKeyVersion) follows the key's version template; it signs for the unversioned
+reference as soon as it is generated, being the newest.
+
 Only ``EC_SIGN_P256_SHA256`` versions are used. Signing sends the SHA-256 digest with its CRC32C
 and checks the CRC32Cs of the reply, as Google's data integrity guidelines ask
 (https://cloud.google.com/kms/docs/data-integrity-guidelines).
@@ -46,6 +53,10 @@ _Algorithm = kms_v1.CryptoKeyVersion.CryptoKeyVersionAlgorithm
 _State = kms_v1.CryptoKeyVersion.CryptoKeyVersionState
 
 ALGORITHM: Final = _Algorithm.EC_SIGN_P256_SHA256
+# States in which a version no longer signs; disabling leaves them as they are.
+_OUT_OF_USE_STATES: Final = frozenset(
+    {_State.DISABLED, _State.DESTROYED, _State.DESTROY_SCHEDULED}
+)
 _PROTECTION_LEVELS: Final = {
     "SOFTWARE": kms_v1.ProtectionLevel.SOFTWARE,
     "HSM": kms_v1.ProtectionLevel.HSM,
@@ -207,6 +218,59 @@ class GcpKms:
         self._wait_until_generated(name, 1)
         return self._public_key(name, 1)
 
+    def disable_key(self, location: str) -> str:
+        """Set the named version's state to DISABLED; without a version, the key's only
+        ENABLED version (a key with several is refused)."""
+        name = parse_gcp_key_name(location)
+        version = name.version
+        if version is None:
+            enabled = sorted(
+                (version_number(v.name) for v in self._list_enabled(name)), reverse=True
+            )
+            if not enabled:
+                return f"{name}: no ENABLED version left in Cloud KMS"
+            if len(enabled) > 1:
+                raise KMSError(
+                    f"{name}: the key has {len(enabled)} ENABLED versions "
+                    f"({', '.join(map(str, enabled))}); name the one to disable, as in "
+                    f"{SCHEME}://{name.version_path(enabled[-1])}"
+                )
+            version = enabled[0]
+        path = name.version_path(version)
+        current = self._call(
+            name,
+            "read the key version",
+            self._kms(name).get_crypto_key_version,
+            kms_v1.GetCryptoKeyVersionRequest(name=path),
+        )
+        if current.state in _OUT_OF_USE_STATES:
+            return f"{SCHEME}://{path}: {_State(current.state).name} already in Cloud KMS"
+        request = kms_v1.UpdateCryptoKeyVersionRequest(
+            crypto_key_version=kms_v1.CryptoKeyVersion(name=path, state=_State.DISABLED),
+            update_mask={"paths": ["state"]},
+        )
+        self._call(
+            name, "disable the key version", self._kms(name).update_crypto_key_version, request
+        )
+        return f"{SCHEME}://{path}: DISABLED in Cloud KMS"
+
+    def add_key_version(self, location: str) -> PublicKey:
+        """A new version of the key (after its version template), once generated."""
+        name = parse_gcp_key_name(location)
+        request = kms_v1.CreateCryptoKeyVersionRequest(
+            parent=name.key_path, crypto_key_version=kms_v1.CryptoKeyVersion()
+        )
+        created = self._call(
+            name,
+            "create a key version",
+            self._kms(name).create_crypto_key_version,
+            request,
+            False,
+        )
+        version = version_number(created.name)
+        self._wait_until_generated(name, version)
+        return self._public_key(name, version)
+
     def _kms(self, name: GcpKeyName) -> kms_v1.KeyManagementServiceClient:
         if self._client is None:
             try:
@@ -229,7 +293,16 @@ class GcpKms:
 
     def _enabled_versions(self, name: GcpKeyName) -> list[int]:
         """Every ENABLED version of the key, newest first; each checked to be P-256."""
+        enabled = self._list_enabled(name)
+        if not enabled:
+            raise KMSError(f"{name}: the key has no ENABLED version in Cloud KMS")
+        for version in enabled:
+            _check_usable(name, version)
+        # Highest number first: the newest. cosign asks the API for "name desc", which orders
+        # version 9 after 10 as text; the number is what "newest" means.
+        return sorted((version_number(v.name) for v in enabled), reverse=True)
 
+    def _list_enabled(self, name: GcpKeyName) -> list[kms_v1.CryptoKeyVersion]:
         def list_versions() -> list[kms_v1.CryptoKeyVersion]:
             request = kms_v1.ListCryptoKeyVersionsRequest(
                 parent=name.key_path, filter="state=ENABLED"
@@ -240,14 +313,7 @@ class GcpKms:
             return list(pages)
 
         versions = self._call(name, "list the key versions", list_versions)
-        enabled = [v for v in versions if v.state == _State.ENABLED]
-        if not enabled:
-            raise KMSError(f"{name}: the key has no ENABLED version in Cloud KMS")
-        for version in enabled:
-            _check_usable(name, version)
-        # Highest number first: the newest. cosign asks the API for "name desc", which orders
-        # version 9 after 10 as text; the number is what "newest" means.
-        return sorted((version_number(v.name) for v in enabled), reverse=True)
+        return [v for v in versions if v.state == _State.ENABLED]
 
     def _public_key(self, name: GcpKeyName, version: int) -> PublicKey:
         path = name.version_path(version)

@@ -9,6 +9,12 @@ visible to every user of the machine (``ps``), so the environment variable is th
 The private key never leaves the token: signgate hashes the payload and the token signs the
 digest with ``CKM_ECDSA`` (SoftHSM2 and many HSMs lack ``CKM_ECDSA_SHA256``), returning raw
 r||s. The SDK is python-pkcs11 (``pip install 'signgate[pkcs11]'``).
+
+Disabling a key sets ``CKA_SIGN`` false on the private key and ``CKA_VERIFY`` false on its
+public key object, so that the token refuses to sign with it and signgate refuses to trust a
+public key its token marks as not for verifying; setting them back enables it again. The token
+must allow the change (``CKA_MODIFIABLE``). Keys on a token have no versions: a new key pair is
+a new key.
 """
 
 from __future__ import annotations
@@ -290,6 +296,37 @@ class Pkcs11Backend:
             )
             return PublicKey(_ec_public_key_of(public, uri))
 
+    def disable_key(self, location: str) -> str:
+        """``CKA_SIGN`` false on the private key, ``CKA_VERIFY`` false on its public key object
+        (if it has one): a key pair marked so neither signs nor is trusted by signgate."""
+        from pkcs11 import Attribute, ObjectClass
+
+        uri = parse_pkcs11_uri(location)
+        token = self._open(uri, login=True)
+        with token.lock, _pkcs11_errors(uri):
+            if not token.session.rw:
+                raise KMSError(f"{uri.name}: {uri.token_description} is write-protected")
+            private_key = _one(token, uri, ObjectClass.PRIVATE_KEY)
+            if private_key is None:
+                _refuse_missing(token, uri, "private key")
+            _require_ec(private_key.key_type, uri)
+            extra = {"ID": private_key.id} if private_key.id else {}
+            public = _one(token, uri, ObjectClass.PUBLIC_KEY, **extra)
+            changes = [(private_key, Attribute.SIGN, "CKA_SIGN false on the private key")]
+            if public is not None:
+                changes.append((public, Attribute.VERIFY, "CKA_VERIFY false on its public key"))
+            # Every object is checked before any is changed, so that a refusal leaves the
+            # pair as it was rather than half disabled.
+            if not all(obj[Attribute.MODIFIABLE] for obj, _, _ in changes):
+                raise KMSError(
+                    f"{uri.name}: the key {uri.key_description} on {uri.token_description} "
+                    "cannot be disabled: the token keeps it unmodifiable (CKA_MODIFIABLE false)"
+                )
+            for obj, attribute, _ in changes:
+                if obj[attribute]:
+                    obj[attribute] = False
+        return f"{uri.name}: " + ", ".join(done for _, _, done in changes)
+
     def close(self) -> None:
         """Close every session this backend opened (logging the tokens out)."""
         with self._tokens_lock:
@@ -453,7 +490,10 @@ def _find_private_key(token: _OpenToken, uri: Pkcs11Uri) -> Any:
         _refuse_missing(token, uri, "private key")
     _require_ec(key.key_type, uri)
     if not isinstance(key, SignMixin):
-        raise KMSError(f"{uri.name}: the key {uri.key_description} may not sign (CKA_SIGN)")
+        raise KMSError(
+            f"{uri.name}: the key {uri.key_description} may not sign (CKA_SIGN is false: "
+            "it is disabled, or not made for signing)"
+        )
     return key
 
 
@@ -467,6 +507,11 @@ def _public_key_for(
     public = _one(token, uri, ObjectClass.PUBLIC_KEY, **extra)
     if public is not None:
         _require_ec(public.key_type, uri)
+        if not public[Attribute.VERIFY]:
+            raise KMSError(
+                f"{uri.name}: the key {uri.key_description} on {uri.token_description} is "
+                "disabled (CKA_VERIFY false on its public key)"
+            )
         return PublicKey(_ec_public_key_of(public, uri))
     certificate = _one(token, uri, ObjectClass.CERTIFICATE, **extra)
     if certificate is not None:

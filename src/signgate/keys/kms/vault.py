@@ -15,6 +15,14 @@ Key versions: ``hashivault://KEY?version=N`` names version N (signgate's spellin
 reference grammar has none). Without it, signing uses the latest version and a verifier trusts
 every version Transit still verifies with (``min_decryption_version`` to ``latest_version``), so
 that ``vault write transit/keys/KEY/rotate`` never breaks the signatures already pushed.
+
+Retiring versions: Transit cannot disable a version on its own. It keeps versions by threshold:
+below ``min_decryption_version`` it refuses to sign and to verify with a version (and leaves it
+out of the key's description), and below ``min_available_version`` the version is deleted (the
+``trim`` endpoint, which signgate never calls). So disabling ``KEY?version=N`` raises
+``min_decryption_version`` to N+1, retiring every version up to N, and keeps
+``min_encryption_version`` (which must not be below it) in step. The latest version cannot be
+retired, nor a key as a whole: a reference without a version is refused.
 """
 
 from __future__ import annotations
@@ -200,6 +208,40 @@ def describe_transit_key(ref: TransitKeyRef, data: Mapping[str, Any]) -> Transit
     return TransitKey(latest, public_keys)
 
 
+def retirement_config(ref: TransitKeyRef, data: Mapping[str, Any]) -> dict[str, int] | None:
+    """The key configuration that retires ``ref``'s version and every older one, from a
+    read-key reply's ``data``; None when Transit refuses that version already."""
+    if ref.version is None:
+        raise _whole_key_refusal(ref)
+    try:
+        latest = int(data["latest_version"])
+        min_decryption = int(data.get("min_decryption_version") or 1)
+        min_encryption = int(data.get("min_encryption_version") or 0)
+    except (KeyError, TypeError, ValueError) as e:
+        raise KMSError(f"{ref}: unexpected reply describing the Transit key") from e
+    if ref.version < min_decryption:
+        return None
+    if ref.version > latest:
+        raise KMSError(f"{ref}: the Transit key has no version {ref.version} (latest {latest})")
+    if ref.version == latest:
+        raise KMSError(
+            f"{ref}: version {latest} is the Transit key's latest, which Transit cannot retire; "
+            "add a new version first (rotate the key)"
+        )
+    config = {"min_decryption_version": ref.version + 1}
+    # 0 means "the latest version"; any other value must not be below min_decryption_version.
+    if 0 < min_encryption <= ref.version:
+        config["min_encryption_version"] = ref.version + 1
+    return config
+
+
+def _whole_key_refusal(ref: TransitKeyRef) -> KMSError:
+    return KMSError(
+        f"{ref}: Transit cannot disable a whole key, only retire its older versions; name "
+        f"the version to retire, as in {ref}?version=N (versions up to N are retired)"
+    )
+
+
 def parse_signature_reply(ref: TransitKeyRef, signature: object) -> tuple[int, bytes]:
     """(key version, DER signature) from Transit's ``vault:vN:<base64>``."""
     match = _SIGNATURE_REPLY.fullmatch(signature) if isinstance(signature, str) else None
@@ -237,13 +279,7 @@ class TransitEngine:
         self.kms = kms_name(ref.scheme)
 
     def read_key(self) -> TransitKey:
-        data = self._read_key_data()
-        if data is None:
-            raise KMSError(
-                f"{self.ref}: no Transit key {self.ref.name!r} at mount "
-                f"{self.settings.mount!r} of {self._where()}"
-            )
-        return describe_transit_key(self.ref, data)
+        return describe_transit_key(self.ref, self._existing_key_data())
 
     def create_key(self) -> TransitKey:
         # Transit answers a create of an existing key with success and leaves it as it is:
@@ -258,6 +294,35 @@ class TransitEngine:
                 self.ref.name, key_type=KEY_TYPE, exportable=False,
                 mount_point=self.settings.mount,
             )
+        return self.read_key()
+
+    def retire_through_version(self) -> str:
+        """Retire the reference's version and the older ones (see :func:`retirement_config`);
+        what is retired."""
+        if self.ref.version is None:
+            raise _whole_key_refusal(self.ref)
+        data = self._existing_key_data()
+        describe_transit_key(self.ref, data)  # refuses keys that are not ecdsa-p256
+        config = retirement_config(self.ref, data)
+        retired = _version_range(list(range(1, self.ref.version + 1)))
+        if config is None:
+            return f"{self.ref}: {retired} retired already in {self._where()}"
+        with self._client("configure the Transit key") as client:
+            # Posted as is: hvac's own check wants min_encryption_version above
+            # min_decryption_version, where Transit takes them equal.
+            client.adapter.post(
+                f"/v1/{self.settings.mount}/keys/{self.ref.name}/config", json=config
+            )
+        return (
+            f"{self.ref}: {retired} retired in {self._where()} "
+            f"(min_decryption_version {config['min_decryption_version']})"
+        )
+
+    def add_version(self) -> TransitKey:
+        """Rotate the key: Transit makes version latest+1, which unversioned references use."""
+        describe_transit_key(self.ref, self._existing_key_data())  # an ecdsa-p256 key
+        with self._client("rotate the Transit key") as client:
+            client.secrets.transit.rotate_key(self.ref.name, mount_point=self.settings.mount)
         return self.read_key()
 
     def sign_digest(self, digest: bytes, version: int) -> bytes:
@@ -282,6 +347,15 @@ class TransitEngine:
                 f"{self.ref}: Transit signed with version {signed_version}, not {version}"
             )
         return der
+
+    def _existing_key_data(self) -> Mapping[str, Any]:
+        data = self._read_key_data()
+        if data is None:
+            raise KMSError(
+                f"{self.ref}: no Transit key {self.ref.name!r} at mount "
+                f"{self.settings.mount!r} of {self._where()}"
+            )
+        return data
 
     def _read_key_data(self) -> Mapping[str, Any] | None:
         """The key's description, or None if there is no such key."""
@@ -418,6 +492,16 @@ class TransitBackend:
                 f"{engine.ref}: a new key starts at version 1; create it without ?version"
             )
         key = engine.create_key()
+        return key.public_keys[key.latest_version]
+
+    def disable_key(self, location: str) -> str:
+        """Retire the version ``location`` names and every older one (Transit keeps versions
+        by threshold); a reference without a version is refused."""
+        return self._engine(location).retire_through_version()
+
+    def add_key_version(self, location: str) -> PublicKey:
+        engine = self._engine(location)
+        key = engine.add_version()
         return key.public_keys[key.latest_version]
 
     def _engine(self, location: str) -> TransitEngine:
