@@ -135,7 +135,10 @@ def main() -> None:
         env = {**os.environ, "COSIGN_PASSWORD": PASSWORD, "HOME": str(work)}
         subprocess.run([SIGNGATE, "generate-key-pair"], env=env, cwd=work, check=True)
         references = asyncio.run(push_images(reg.host, max(sizes)))
-        sign_time = timed([str(SIGNGATE), "sign", "--key", "cosign.key", *references], env, 1)
+        sign_time = timed(
+            [str(SIGNGATE), "sign", "--format", "classic", "--key", "cosign.key", *references],
+            env, 1,
+        )
 
         rows = []
         for size in sizes:

@@ -1069,7 +1069,8 @@ def main() -> None:
                  *(f"cold-{i}" for i in range(args.cold_runs))]
         references = dict(zip(names, push_named_images(registry.host, names), strict=True))
         sign_env = tool_env(setting.work, COSIGN_PASSWORD=PASSWORD)
-        subprocess.run([str(SIGNGATE), "sign", "--key", "cosign.key", *references.values()],
+        subprocess.run([str(SIGNGATE), "sign", "--format", "classic", "--key", "cosign.key",
+                        *references.values()],
                        env=sign_env, cwd=setting.work, check=True, capture_output=True)
 
         progress("(a) starting signgate serve and the bare endpoint")

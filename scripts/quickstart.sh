@@ -59,7 +59,7 @@ ls -l cosign.key cosign.pub
 
 say "push a demo image and sign it"
 python "$ROOT/scripts/push_demo_image.py" "$REGISTRY/demo/app:v1" "hello, signed world"
-signgate sign --key cosign.key "$REGISTRY/demo/app:v1"
+signgate sign --format classic --key cosign.key "$REGISTRY/demo/app:v1"   # cosign 2 verifies it below
 
 say "verify with signgate"
 signgate verify --key cosign.pub "$REGISTRY/demo/app:v1"

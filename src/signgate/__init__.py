@@ -33,6 +33,7 @@ _EXPORTS = {
     "RegistryOptions": "signgate.registry",
     "Repository": "signgate.reference",
     "SignOutcome": "signgate.signatures.sign",
+    "SignatureFormat": "signgate.signatures.formats",
     "SignedDigest": "signgate.signatures.sign",
     "Signer": "signgate.keys",
     "attachment_tree": "signgate.signatures.attachments",
@@ -60,6 +61,7 @@ __all__ = [
     "RegistryOptions",
     "Repository",
     "SignOutcome",
+    "SignatureFormat",
     "SignedDigest",
     "Signer",
     "attachment_tree",
@@ -93,6 +95,7 @@ if TYPE_CHECKING:
     from signgate.reference import ImageReference, Repository
     from signgate.registry import RegistryClient, RegistryOptions
     from signgate.signatures.attachments import attachment_tree, clean
+    from signgate.signatures.formats import SignatureFormat
     from signgate.signatures.payload import build_payload
     from signgate.signatures.sign import SignedDigest, SignOutcome, sign_image, sign_images
     from signgate.signatures.verify import ImageVerification, verify_image, verify_images

@@ -11,6 +11,7 @@ rules:                          # first matching rule wins
     mode: enforce               # enforce | warn | audit (default enforce)
     namespaces: {exclude: [dev-*]}
     require_child_signature: false
+    formats: [classic, bundle]  # signature formats accepted (default both)
   - name: platform
     images: ["registry.k8s.io/**"]
     action: allow               # allow | deny, without verification
@@ -35,6 +36,9 @@ from the policy. To exempt namespaces, put an ``action: allow`` rule selecting t
 
 For a multi-platform index, a signature on the index covers its children, as cosign signs them;
 ``require_child_signature: true`` requires the child the node pulls to be signed as well.
+
+``formats`` limits the signature formats a rule accepts: ``classic`` (cosign 2's ``.sig``
+image) and ``bundle`` (cosign 3's Sigstore bundle); a rule without it accepts either.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from signgate.reference import (
     ImageReference,
     Repository,
 )
+from signgate.signatures.formats import SIGNATURE_FORMATS, SignatureFormat, describe_formats
 
 
 class Action(StrEnum):
@@ -168,6 +173,7 @@ class Rule:
     namespaces: NamespaceSelector = NamespaceSelector()
     action: Action | None = None
     require_child_signature: bool = False
+    formats: tuple[SignatureFormat, ...] = SIGNATURE_FORMATS
     _matchers: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -180,6 +186,8 @@ class Rule:
             raise PolicyError(
                 f"rule {self.name!r}: threshold {self.threshold} needs 1 to {len(self.keys)}"
             )
+        if not self.formats:
+            raise PolicyError(f"rule {self.name!r}: formats lists no signature format")
         object.__setattr__(self, "annotations", MappingProxyType(dict(self.annotations)))
         object.__setattr__(
             self,
@@ -211,6 +219,8 @@ class Rule:
             text += f" with annotations {wanted}"
         if self.require_child_signature:
             text += " on the index and the platform's image"
+        if set(self.formats) != set(SIGNATURE_FORMATS):
+            text += f" in the {describe_formats(self.formats)} format"
         return text
 
 
@@ -296,8 +306,9 @@ _RULE_FIELDS = (
     "namespaces",
     "action",
     "require_child_signature",
+    "formats",
 )
-_KEYED_ONLY = ("threshold", "annotations", "require_child_signature")
+_KEYED_ONLY = ("threshold", "annotations", "require_child_signature", "formats")
 _MISSING = object()
 
 
@@ -351,6 +362,7 @@ class _PolicyReader:
             "namespaces": self.namespaces,
             "action": lambda n, p: Action(self.choice(n, p, Action)),
             "require_child_signature": self.boolean,
+            "formats": self.formats,
         }
         values = {key: readers[key](value, f"{path}.{key}") for key, (_, value) in fields.items()}
         for required in ("name", "images"):
@@ -445,6 +457,20 @@ class _PolicyReader:
                     node.value[index], f"{path}[{index}]", f"the same key as {path}[{first}]"
                 )
         return references
+
+    def formats(self, node: yaml.Node, path: str) -> tuple[SignatureFormat, ...]:
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            raise self.error(
+                node, path, f"must be a list of signature formats ({', '.join(SIGNATURE_FORMATS)})"
+            )
+        formats: list[SignatureFormat] = []
+        for index, item in enumerate(node.value):
+            item_path = f"{path}[{index}]"
+            found = SignatureFormat(self.choice(item, item_path, SignatureFormat))
+            if found in formats:
+                raise self.error(item, item_path, f"{found} is listed twice")
+            formats.append(found)
+        return tuple(formats)
 
     def threshold(self, node: yaml.Node, path: str) -> int:
         value = self.scalar(node)

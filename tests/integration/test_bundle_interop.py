@@ -3,7 +3,9 @@ which has no referrers API: the fallback index at tag ``sha256-HEX`` is used).""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from signgate.reference import ImageReference, Repository
 from signgate.registry import RegistryClient, RegistryOptions
 from signgate.registry.images import push_image
 from signgate.registry.mediatypes import OCI_INDEX, OCI_MANIFEST
+from signgate.signatures.attachments import clean
 from signgate.signatures.bundle import (
     BUNDLE_MEDIA_TYPE,
     EMPTY_CONFIG,
@@ -29,11 +32,12 @@ from signgate.signatures.bundle import (
     index_with,
     pae,
 )
+from signgate.signatures.formats import SignatureFormat
 from signgate.signatures.referrers import read_bundles, sign_digest_bundle, write_bundle
-from signgate.signatures.sign import sign_image
+from signgate.signatures.sign import sign_image, sign_images
 from signgate.signatures.verify import ImageVerification, verify_image
 from tests.integration.registry_servers import RunningRegistry
-from tests.integration.tools import run, signgate, tool_env
+from tests.integration.tools import SIGNGATE, run, signgate, tool_env
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +45,11 @@ PASSWORD = "correct horse"
 
 
 class Workspace:
-    def __init__(self, cosign3: Path, registry: RunningRegistry, home: Path) -> None:
+    def __init__(
+        self, cosign3: Path, registry: RunningRegistry, home: Path, cosign2: Path
+    ) -> None:
         self.cosign3 = cosign3
+        self.cosign2 = cosign2
         self.host = registry.host
         self.home = home
         self.env = tool_env(home, COSIGN_PASSWORD=PASSWORD)
@@ -80,6 +87,13 @@ class Workspace:
 
         return anyio.run(push)
 
+    def cosign2_verify(self, key: str, image: str, check: bool = True) -> Any:
+        return run(
+            [str(self.cosign2), "verify", "--key", key, "--insecure-ignore-tlog",
+             "--allow-insecure-registry", image],
+            self.env, self.home, check,
+        )
+
     def fallback_index(self, repository: str, digest: str) -> dict[str, Any]:
         async def get() -> dict[str, Any]:
             async with RegistryClient(RegistryOptions()) as client:
@@ -88,10 +102,20 @@ class Workspace:
 
         return anyio.run(get)
 
+    def tags(self, repository: str) -> list[str]:
+        async def get() -> list[str]:
+            async with RegistryClient(RegistryOptions()) as client:
+                return await client.list_tags(Repository(self.host, repository))
+
+        return anyio.run(get)
+
+    def key_id(self, public_key: str) -> str:
+        return PublicKey.from_pem((self.home / public_key).read_bytes()).key_id
+
 
 @pytest.fixture
 def ws(cosign_binaries: dict[str, Path], registry: RunningRegistry, tmp_path: Path) -> Workspace:
-    return Workspace(cosign_binaries["cosign3"], registry, tmp_path)
+    return Workspace(cosign_binaries["cosign3"], registry, tmp_path, cosign_binaries["cosign2"])
 
 
 def unique(ws: Workspace, name: str) -> str:
@@ -108,9 +132,17 @@ def test_signgate_verifies_what_cosign3_signs_as_a_bundle(ws: Workspace) -> None
     # A bundle, not a classic signature: only the fallback index exists.
     assert ws.fallback_index(repo, digest)["manifests"]
     result = ws.signgate("verify", "--key", "co.pub", "-a", "env=prod", image)
-    (statement,) = json.loads(result.stdout)
-    assert statement["subject"][0]["digest"] == {"sha256": digest.removeprefix("sha256:")}
-    assert statement["predicateType"] == "https://sigstore.dev/cosign/sign/v1"
+    # What cosign 3 prints for a bundle: a simple-signing claim, as for a classic signature.
+    (claim,) = json.loads(result.stdout)
+    assert claim == {
+        "critical": {
+            "identity": {"docker-reference": image},
+            "image": {"docker-manifest-digest": digest},
+            "type": "https://sigstore.dev/cosign/sign/v1",
+        },
+        "optional": {"env": "prod"},
+    }
+    assert [claim] == json.loads(ws.cosign_verify("co.pub", image).stdout)
     refused = ws.signgate("verify", "--key", "co.pub", "-a", "env=dev", image, check=False)
     assert refused.returncode == 1
     assert "annotation mismatch" in refused.stderr
@@ -173,7 +205,7 @@ def test_threshold_of_two_across_formats(ws: Workspace) -> None:
 
     async def check() -> None:
         async with RegistryClient(RegistryOptions()) as client:
-            await sign_image(client, classic, reference)
+            await sign_image(client, classic, reference, signature_format=SignatureFormat.CLASSIC)
             keys = [classic.public_key(), bundle_key]
             both = await verify_image(client, reference, keys)
             assert both.ok, both.reason()
@@ -381,3 +413,279 @@ def test_referrers_api_is_used_where_the_registry_offers_it(
             assert "no signatures found" in result.reason()
 
     anyio.run(check)
+
+
+def tree_sections(out: str) -> dict[str, list[str | None]]:
+    """``signgate tree``'s output: each heading (``signatures (bundles): LOCATION``) with the key
+    id of each of its entries (None when no key named it)."""
+    sections: dict[str, list[str | None]] = {}
+    heading = ""
+    for line in out.splitlines()[1:]:
+        if line.startswith(("├── ", "└── ")):
+            heading = line[4:]
+            sections[heading] = []
+        elif line.startswith(("│   ", "    ")):
+            key_id = line.rsplit("(key ", 1)[1].rstrip(")") if "(key " in line else None
+            sections[heading].append(key_id)
+    return sections
+
+
+def test_signgate_signs_bundles_by_default(ws: Workspace) -> None:
+    ws.signgate("generate-key-pair")
+    repo = unique(ws, "default-format")
+    digest = ws.push(repo, b"default format")
+    image = f"{ws.host}/{repo}:v1"
+    signed = ws.signgate("sign", "--key", "cosign.key", image)
+    (entry,) = ws.fallback_index(repo, digest)["manifests"]
+    assert f"-> {ws.host}/{repo}@{entry['digest']}" in signed.stderr
+    assert sorted(ws.tags(repo)) == ["sha256-" + digest.removeprefix("sha256:"), "v1"]
+    ws.cosign_verify("cosign.pub", image)
+    assert ws.cosign2_verify("cosign.pub", image, check=False).returncode != 0  # no bundles
+    ws.signgate("sign", "--format", "classic", "--key", "cosign.key", image)
+    ws.cosign2_verify("cosign.pub", image)
+
+
+def test_tree_and_clean_by_key_handle_cosign3_bundles(ws: Workspace) -> None:
+    ws.cosign("generate-key-pair", "--output-key-prefix", "co")
+    ws.signgate("generate-key-pair", "--output-key-prefix", "sg")
+    co, sg = ws.key_id("co.pub"), ws.key_id("sg.pub")
+    repo = unique(ws, "clean-by-key")
+    digest = ws.push(repo, b"clean by key")
+    image = f"{ws.host}/{repo}:v1"
+    ws.cosign_sign_bundle("co.key", image)
+    ws.signgate("sign", "--format", "classic", "--key", "sg.key", image)
+    ws.signgate("sign", "--key", "sg.key", image)  # a bundle
+    classic = f"signatures: {ws.host}/{repo}:{digest.replace(':', '-')}.sig"
+    bundles = f"signatures (bundles): {ws.host}/{repo}:{digest.replace(':', '-')}"
+    tree = ws.signgate("tree", "--key", "co.pub", "--key", "sg.pub", image).stdout
+    sections = tree_sections(tree)
+    assert sections == {classic: [sg], bundles: sections[bundles]}
+    assert sorted(sections[bundles], key=str) == sorted([co, sg])
+    listed = {m["digest"] for m in ws.fallback_index(repo, digest)["manifests"]}
+    assert len(listed) == 2
+    assert all(d in tree for d in listed)
+    assert tree_sections(ws.signgate("tree", image).stdout) == {
+        classic: [None], bundles: [None, None]
+    }
+
+    cleaned = ws.signgate("clean", "--key", "co.pub", "-f", image)
+    assert "Removed 1 signature bundle(s) listed in" in cleaned.stderr
+    assert "kept 1" in cleaned.stderr
+    assert tree_sections(ws.signgate("tree", "--key", "co.pub", "--key", "sg.pub", image).stdout
+                         ) == {classic: [sg], bundles: [sg]}
+    assert ws.cosign_verify("co.pub", image, check=False).returncode != 0
+    ws.cosign_verify("sg.pub", image)
+    ws.cosign2_verify("sg.pub", image)
+    refused = ws.signgate("verify", "--key", "co.pub", image, check=False)
+    assert refused.returncode == 1
+    assert "does not verify with the given keys" in refused.stderr
+    ws.signgate("verify", "--format", "classic", "--key", "sg.pub", image)
+    ws.signgate("verify", "--format", "bundle", "--key", "sg.pub", image)
+
+    # A key with signatures in both formats loses both; the emptied index goes too.
+    cleaned = ws.signgate("clean", "--key", "sg.pub", "-f", image)
+    assert f"Removed {ws.host}/{repo}:{digest.replace(':', '-')}.sig" in cleaned.stderr
+    assert "Removed 1 signature bundle(s) listed in" in cleaned.stderr
+    assert ws.tags(repo) == ["v1"]
+    gone = ws.signgate("verify", "--key", "sg.pub", image, check=False)
+    assert "no signatures found" in gone.stderr
+    assert ws.cosign_verify("sg.pub", image, check=False).returncode != 0
+
+
+def test_clean_removes_signatures_in_both_formats_and_keeps_other_referrers(
+    ws: Workspace,
+) -> None:
+    ws.cosign("generate-key-pair", "--output-key-prefix", "co")
+    ws.signgate("generate-key-pair", "--output-key-prefix", "sg")
+    co = ws.key_id("co.pub")
+    repo = unique(ws, "clean-all")
+    digest = ws.push(repo, b"clean all")
+    image = f"{ws.host}/{repo}:v1"
+    ws.cosign_sign_bundle("co.key", image)
+    (ws.home / "predicate.json").write_text('{"built": "here"}')
+    ws.cosign(
+        "attest", "--key", "co.key", "--signing-config", str(ws.home / "signing-config.json"),
+        "--yes", "--allow-insecure-registry", "--predicate", "predicate.json", "--type",
+        "custom", image,
+    )
+    ws.signgate("sign", "--key", "sg.key", image)
+    ws.signgate("sign", "--format", "classic", "--key", "sg.key", image)
+    location = f"{ws.host}/{repo}:{digest.replace(':', '-')}"
+    tree = tree_sections(ws.signgate("tree", "--key", "co.pub", image).stdout)
+    assert tree[f"attestations (bundles): {location}"] == [co]
+    assert sorted(tree[f"signatures (bundles): {location}"], key=str) == sorted([co, None],
+                                                                                key=str)
+
+    cleaned = ws.signgate("clean", "--type", "signature", "-f", image)
+    assert "Removed 2 signature bundle(s) listed in" in cleaned.stderr
+    (attestation,) = ws.fallback_index(repo, digest)["manifests"]  # the index keeps the rest
+    assert tree_sections(ws.signgate("tree", image).stdout) == {
+        f"attestations (bundles): {location}": [None]
+    }
+    for key in ("co.pub", "sg.pub"):
+        refused = ws.signgate("verify", "--key", key, image, check=False)
+        assert refused.returncode == 1
+    ws.cosign("verify-attestation", "--key", "co.pub", "--insecure-ignore-tlog",
+              "--allow-insecure-registry", "--type", "custom", image)
+
+    cleaned = ws.signgate("clean", "-f", image)
+    assert "Removed 1 attestation bundle(s) listed in" in cleaned.stderr
+    assert ws.tags(repo) == ["v1"]
+    assert "(none)" in ws.signgate("tree", image).stdout
+    assert attestation["digest"] not in ws.signgate("tree", image).stdout
+
+
+def test_concurrent_bundle_signings_of_the_same_digests_all_survive(ws: Workspace) -> None:
+    ws.signgate("generate-key-pair", "--output-key-prefix", "a")
+    ws.signgate("generate-key-pair", "--output-key-prefix", "b")
+    repos = [unique(ws, f"race-{n}") for n in range(6)]
+    digests = [ws.push(repo, f"race {n}".encode()) for n, repo in enumerate(repos)]
+    images = [f"{ws.host}/{repo}@{digest}" for repo, digest in zip(repos, digests, strict=True)]
+    # Two pipelines sign the same digests at once, each a command signing them concurrently.
+    signers = [
+        subprocess.Popen(
+            [str(SIGNGATE), "sign", "--key", f"{name}.key", *images], env=ws.env, cwd=ws.home,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for name in ("a", "b")
+    ]
+    for signer in signers:
+        _, stderr = signer.communicate(timeout=300)
+        assert signer.returncode == 0, stderr
+    for repo, digest in zip(repos, digests, strict=True):
+        assert len(ws.fallback_index(repo, digest)["manifests"]) == 2
+    for key in ("a.pub", "b.pub"):
+        ws.signgate("verify", "--format", "bundle", "--key", key, *images)
+        ws.cosign_verify(key, images[0])
+
+
+def test_clean_by_key_prunes_index_entries_whose_manifest_is_gone(
+    registry: RunningRegistry, tmp_path: Path
+) -> None:
+    ours, theirs, gone = (PrivateKeySigner(ec.generate_private_key(ec.SECP256R1()))
+                          for _ in range(3))
+    repository = registry.repository(f"bundle/dangling-{tmp_path.name}".lower())
+
+    async def check() -> None:
+        async with RegistryClient(RegistryOptions()) as client:
+            digest = await push_image(client, repository, "v1", content=b"dangling")
+            for signer in (ours, theirs, gone):
+                signed = await sign_digest_bundle(client, signer, repository, digest)
+            await client.delete_manifest(repository, signed.manifest_digest)  # gone's
+            reference = ImageReference(repository, None, digest)
+            (outcome,) = await clean(client, reference, ["signature"], key=ours.public_key())
+            assert (outcome.format, outcome.removed, outcome.kept) == ("bundle", 1, 1)
+            (left,) = (await read_bundles(client, repository, digest)).artifacts
+            assert left.problem is None
+            result = await verify_image(client, reference, [ours.public_key(),
+                                                            theirs.public_key()])
+            assert _key_ids(result) == {theirs.public_key().key_id}
+
+    anyio.run(check)
+
+
+class ImagesInFlight(httpx.AsyncBaseTransport):
+    """The real transport, counting the images being signed at once (from the read of an
+    image's tag to the write of its fallback index). The first ``gate`` images wait until all
+    of them have started, so that signing one at a time never gets past the gate."""
+
+    def __init__(self, gate: int) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.gate = gate
+        self.started = 0
+        self.in_flight = 0
+        self.most = 0
+        self.all_started = anyio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if request.method == "GET" and path.endswith("/manifests/v1"):
+            self.started += 1
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            if self.started == self.gate:
+                self.all_started.set()
+            if self.started <= self.gate:
+                await self.all_started.wait()
+        response = await self.inner.handle_async_request(request)
+        if request.method == "PUT" and "/manifests/sha256-" in path:
+            self.in_flight -= 1
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_bundle_signing_of_many_images_is_concurrent_and_bounded(
+    registry: RunningRegistry, tmp_path: Path
+) -> None:
+    signers = [PrivateKeySigner(ec.generate_private_key(ec.SECP256R1())) for _ in range(3)]
+    repositories = [
+        registry.repository(f"bundle/many-{n}-{tmp_path.name}".lower()) for n in range(8)
+    ]
+    transport = ImagesInFlight(gate=3)
+
+    async def check() -> None:
+        async with RegistryClient(RegistryOptions()) as client:
+            digests = [
+                await push_image(client, repository, "v1", content=f"many {n}".encode())
+                for n, repository in enumerate(repositories)
+            ]
+        references = [ImageReference(repository, tag="v1") for repository in repositories]
+        async with RegistryClient(RegistryOptions(transport=transport)) as client:
+            with anyio.fail_after(120):  # signing one image at a time would wait at the gate
+                outcomes = await sign_images(client, signers[0], references, concurrency=3)
+            assert [o.error for o in outcomes] == [None] * len(references)
+            assert transport.most == 3
+            # Two more signers at once over one client: every fallback index keeps every entry.
+            again = await asyncio.gather(
+                *(sign_images(client, signer, references) for signer in signers[1:])
+            )
+            assert [o.error for outcomes in again for o in outcomes] == [None] * 16
+            keys = [s.public_key() for s in signers]
+            for reference, digest in zip(references, digests, strict=True):
+                found = await read_bundles(client, reference.repository, digest)
+                assert len(found.artifacts) == 3
+                result = await verify_image(client, reference, keys, formats=("bundle",))
+                assert _key_ids(result) == {k.key_id for k in keys}
+
+    anyio.run(check)
+
+
+@pytest.mark.parametrize(
+    ("formats", "reason"),
+    [
+        ("[classic]", "the signature exists only in the bundle format; the classic format is "
+                      "required"),
+        ("[bundle]", None),
+        (None, None),
+    ],
+)
+def test_policy_formats_refuse_a_signature_only_in_the_other_format(
+    ws: Workspace, formats: str | None, reason: str | None
+) -> None:
+    ws.signgate("generate-key-pair")
+    repo = unique(ws, "policy-formats")
+    ws.push(repo, b"policy formats")
+    image = f"{ws.host}/{repo}:v1"
+    ws.signgate("sign", "--key", "cosign.key", image)
+    rule_formats = f"    formats: {formats}\n" if formats else ""
+    (ws.home / "policy.yaml").write_text(
+        f'rules:\n  - name: ours\n    images: ["{ws.host}/bundle/**"]\n'
+        f"    keys: [cosign.pub]\n{rule_formats}"
+    )
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "ns"},
+           "spec": {"containers": [{"name": "main", "image": image}]}}
+    (ws.home / "pod.json").write_text(json.dumps(pod))
+    checked = ws.signgate("check", "--policy", "policy.yaml", "-o", "json", "pod.json",
+                          check=False)
+    verify = ws.signgate("verify", "--key", "cosign.pub", "--format",
+                         "classic" if formats == "[classic]" else "any", image, check=False)
+    if reason is None:
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        assert verify.returncode == 0, verify.stderr
+        return
+    assert checked.returncode == 1
+    assert reason in checked.stdout
+    assert verify.returncode == 1
+    assert f"signgate: {image}: {reason}\n" in verify.stderr

@@ -88,7 +88,8 @@ def sg(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def sign_ok(env: dict[str, str], keys: Keys, reference: str, *flags: str) -> None:
-    signed = sg(env, "sign", "--key", str(keys.main.private), *flags, reference)
+    signed = sg(env, "sign", "--format", "classic", "--key", str(keys.main.private), *flags,
+                reference)
     assert signed.returncode == 0, signed.stderr
 
 

@@ -1,7 +1,8 @@
 """The compatibility contract, against the real cosign CLI (2.x and 3.x) and a real registry.
 
 cosign 3 is driven in its classic mode (``--new-bundle-format=false --use-signing-config=false
---tlog-upload=false``): the bundle format is a later issue.
+--tlog-upload=false``) and signgate signs with ``--format classic``: the bundle format is tested
+in test_bundle_interop.py.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def test_cosign_verifies_what_signgate_signs(ws: Workspace) -> None:
     repo = unique(ws, "sg-signed")
     digest = ws.push(repo, "v1", b"one")
     image = f"{ws.host}/{repo}:v1"
-    ws.signgate("sign", "--key", "cosign.key", image)
+    ws.signgate("sign", "--format", "classic", "--key", "cosign.key", image)
     ws.cosign_verify(Path("cosign.pub"), image)
     ws.cosign_verify(Path("cosign.pub"), f"{ws.host}/{repo}@{digest}")
     # The payload is byte for byte what cosign would have built.
@@ -130,7 +131,8 @@ def test_annotations_signed_by_signgate_are_checked_by_cosign(ws: Workspace) -> 
     repo = unique(ws, "sg-annotated")
     ws.push(repo, "v1", b"annotated")
     image = f"{ws.host}/{repo}:v1"
-    ws.signgate("sign", "--key", "cosign.key", "-a", "env=prod", "-a", "team=<a&b>", image)
+    ws.signgate("sign", "--format", "classic", "--key", "cosign.key", "-a", "env=prod", "-a",
+                "team=<a&b>", image)
     ws.cosign_verify(Path("cosign.pub"), image, "-a", "env=prod", "-a", "team=<a&b>")
     refused = ws.cosign_verify(Path("cosign.pub"), image, "-a", "env=dev", check=False)
     assert refused.returncode != 0
@@ -163,7 +165,7 @@ def test_recursive_index_signing_both_directions(ws: Workspace) -> None:
     repo = unique(ws, "multi")
     index, children = ws.push_index(repo, "v1", b"multi")
     image = f"{ws.host}/{repo}:v1"
-    ws.signgate("sign", "--key", "sg.key", "--recursive", image)
+    ws.signgate("sign", "--format", "classic", "--key", "sg.key", "--recursive", image)
     ws.cosign_sign(Path("co.key"), image, "--recursive")
     for digest in [index, *children]:
         ref = f"{ws.host}/{repo}@{digest}"
@@ -179,8 +181,9 @@ def test_signgate_signature_added_to_cosign_signed_image_keeps_both(ws: Workspac
     digest = ws.push(repo, "v1", b"both")
     image = f"{ws.host}/{repo}:v1"
     ws.cosign_sign(Path("co.key"), image)
-    ws.signgate("sign", "--key", "sg.key", image)
-    ws.signgate("sign", "--key", "sg.key", image)  # identical signature: not added twice
+    ws.signgate("sign", "--format", "classic", "--key", "sg.key", image)
+    # An identical signature is not added twice.
+    ws.signgate("sign", "--format", "classic", "--key", "sg.key", image)
     assert len(parse_layers(ws.signature_manifest(repo, digest))) == 2
     ws.cosign_verify(Path("co.pub"), image)
     ws.cosign_verify(Path("sg.pub"), image)
@@ -200,7 +203,7 @@ def test_clean_by_key_keeps_other_signatures(ws: Workspace) -> None:
     ws.push(repo, "v1", b"clean")
     image = f"{ws.host}/{repo}:v1"
     ws.cosign_sign(Path("co.key"), image)
-    ws.signgate("sign", "--key", "sg.key", image)
+    ws.signgate("sign", "--format", "classic", "--key", "sg.key", image)
     ws.signgate("clean", "--key", "sg.pub", "-f", image)
     ws.cosign_verify(Path("co.pub"), image)
     assert ws.cosign_verify(Path("sg.pub"), image, check=False).returncode != 0
@@ -229,7 +232,7 @@ def test_cosign_repository_is_honoured_both_ways(ws: Workspace) -> None:
     digest = ws.push(repo, "v1", b"elsewhere")
     image = f"{ws.host}/{repo}:v1"
     ws.env["COSIGN_REPOSITORY"] = f"{ws.host}/{signatures}"
-    ws.signgate("sign", "--key", "sg.key", image)
+    ws.signgate("sign", "--format", "classic", "--key", "sg.key", image)
     ws.cosign_sign(Path("co.key"), image)
     ws.cosign_verify(Path("sg.pub"), image)
     ws.signgate("verify", "--key", "co.pub", image)
@@ -249,7 +252,7 @@ def test_tree_names_the_key_of_each_signature(ws: Workspace) -> None:
     digest = ws.push(repo, "v1", b"tree")
     image = f"{ws.host}/{repo}:v1"
     ws.cosign_sign(Path("co.key"), image)
-    ws.signgate("sign", "--key", "sg.key", image)
+    ws.signgate("sign", "--format", "classic", "--key", "sg.key", image)
     expected = {
         PublicKey.from_pem((ws.home / name).read_bytes()).key_id for name in ("sg.pub", "co.pub")
     }

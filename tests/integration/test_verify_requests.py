@@ -14,6 +14,7 @@ from signgate.keys import PrivateKeySigner
 from signgate.reference import ImageReference
 from signgate.registry import RegistryClient, RegistryOptions
 from signgate.registry.images import push_image
+from signgate.signatures.formats import SignatureFormat
 from signgate.signatures.sign import sign_image
 from signgate.signatures.verify import verify_image
 from tests.integration.registry_servers import RunningRegistry
@@ -59,7 +60,9 @@ def test_payload_blob_is_fetched_only_when_it_cannot_be_predicted(
     async def run() -> None:
         async with RegistryClient(RegistryOptions()) as client:
             await push_image(client, reference.repository, reference.tag, content=b"x")
-            await sign_image(client, signer, reference, signed_with)
+            await sign_image(
+                client, signer, reference, signed_with, signature_format=SignatureFormat.CLASSIC
+            )
         transport = CountingTransport()
         async with RegistryClient(RegistryOptions(transport=transport)) as client:
             result = await verify_image(client, reference, [signer.public_key()], required)

@@ -4,6 +4,7 @@ a real docker-registry holding images signed by signgate."""
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import os
 import re
@@ -635,6 +636,91 @@ def test_certificate_files_are_reloaded_when_they_change(world: World, tmp_path:
             assert served_certificate(webhook.port, world.ca.cert_file) == second_cert
             assert apiserver.get("/readyz").status_code == 200
             assert apiserver.validate(pod(world.app)).allowed
+
+
+class ConfigMapVolume:
+    """``policy.yaml`` laid out as the kubelet mounts a ConfigMap: a link into ``..data``, and
+    an update swaps the ``..data`` link in one rename (as :class:`SecretVolume` does)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.generation = 0
+        directory.mkdir(parents=True)
+        (directory / "policy.yaml").symlink_to("..data/policy.yaml")
+
+    @property
+    def policy_file(self) -> Path:
+        return self.directory / "policy.yaml"
+
+    def publish(self, text: str) -> str:
+        """Publish ``text``; its SHA-256, as the webhook's metrics name the policy in force."""
+        self.generation += 1
+        version = self.directory / f"..generation_{self.generation}"
+        version.mkdir()
+        (version / "policy.yaml").write_text(text)
+        link = self.directory / "..data_tmp"
+        link.symlink_to(version.name)
+        os.replace(link, self.directory / "..data")
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def policy_in_force(apiserver: ApiServerStandIn) -> str | None:
+    """The SHA-256 that ``/metrics`` says the served policy's file has."""
+    found = re.findall(r'^signgate_policy_info\{sha256="([0-9a-f]{64})"\} 1\.0$',
+                       apiserver.get("/metrics").text, re.MULTILINE)
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def test_the_policy_file_is_reloaded_when_it_changes(world: World, tmp_path: Path) -> None:
+    """As a rotation changes it: trust another key too, then only that key. A policy that does
+    not parse, or names a key that does not load, is logged and the policy in force kept."""
+    other_key = world.home / "other" / "cosign.pub"
+    volume = ConfigMapVolume(tmp_path / "configmap")
+    only_other = volume.publish(
+        "unmatched: deny\nrules:\n" + team_rule(world.registry.host, other_key)
+    )
+    with running_webhook(tmp_path / "server", volume.policy_file, world.certificate,
+                         world.ca.cert_file, "--policy-reload-interval", "0.1") as webhook, \
+            webhook.standin() as apiserver:
+        assert policy_in_force(apiserver) == only_other
+        assert not apiserver.validate(pod(world.app)).allowed
+        assert apiserver.validate(pod(world.foreign)).allowed
+
+        both = volume.publish(
+            "unmatched: deny\nrules:\n  - name: team\n"
+            f"    images: [\"{world.registry.host}/team/**\"]\n"
+            f"    keys: [{other_key}, {world.home / 'cosign.pub'}]\n"
+        )
+        wait_until(lambda: policy_in_force(apiserver) == both, "the new policy", webhook)
+        assert apiserver.validate(pod(world.app)).allowed
+        assert apiserver.validate(pod(world.foreign)).allowed
+
+        def kept(reason: str) -> bool:
+            return any("kept the policy in force" in line["message"] and reason in line["message"]
+                       for line in webhook.log_lines())
+
+        volume.publish("unmatched: deny\nrules:\n  - name: [broken\n")
+        wait_until(lambda: kept("policy.yaml:"), "the refused policy in the log", webhook)
+        assert policy_in_force(apiserver) == both
+        assert apiserver.validate(pod(world.app)).allowed
+
+        # A key file that is not there yet: kept until it appears, then served without any
+        # further change to the policy file.
+        late_key = tmp_path / "keys" / "late.pub"
+        only_late = volume.publish(
+            "unmatched: deny\nrules:\n" + team_rule(world.registry.host, late_key)
+        )
+        wait_until(lambda: kept(str(late_key)), "the unloadable key in the log", webhook)
+        assert policy_in_force(apiserver) == both
+        assert apiserver.validate(pod(world.app)).allowed
+        late_key.parent.mkdir()
+        late_key.write_bytes(other_key.read_bytes())
+        wait_until(lambda: policy_in_force(apiserver) == only_late, "the late key's policy",
+                   webhook)
+        assert not apiserver.validate(pod(world.app)).allowed
+        assert apiserver.validate(pod(world.foreign)).allowed
+        assert apiserver.get("/readyz").status_code == 200
 
 
 # Graceful shutdown ----------------------------------------------------------------------------

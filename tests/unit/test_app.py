@@ -18,6 +18,7 @@ from signgate.reference import ImageReference
 from signgate.webhook.app import FAILED_CLOSED_MESSAGE, MAX_REVIEW_BYTES, WebhookApp
 from signgate.webhook.decision import AdmissionDecision, ImageVerdict, decide
 from signgate.webhook.review import AdmissionReview
+from signgate.webhook.server import JsonLogFormatter
 
 pytestmark = pytest.mark.anyio
 
@@ -121,8 +122,10 @@ async def client(
 
 
 def decision_records(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    """The decision log lines as the server writes them (JSON), decoded."""
+    formatter = JsonLogFormatter()
     return [
-        r.fields  # type: ignore[attr-defined]
+        json.loads(formatter.format(r))
         for r in caplog.records
         if r.name == "signgate.webhook.decisions"
     ]
@@ -177,6 +180,11 @@ async def test_each_decision_is_one_structured_log_record(
     await client.post("/mutate", json=review_document(pod(SIGNED, "registry.k8s.io/pause:3.9")))
     await client.post("/validate", json=review_document(pod(UNSIGNED), dryRun=True))
     allowed, denied = decision_records(caplog)
+    for record in (allowed, denied):
+        assert record.pop("logger") == "signgate.webhook.decisions"
+        assert record.pop("level") == "info"
+        assert record.pop("message") == f"admission {record['verdict']}"
+        assert record.pop("time").endswith("+00:00")
     latency = allowed.pop("latency_ms")
     assert isinstance(latency, float)
     assert latency >= 0

@@ -20,6 +20,7 @@ from signgate.signatures.bundle import (
     bundle_manifest,
     check_bundle,
     index_with,
+    index_without,
     key_hint,
     pae,
     parse_bundle,
@@ -171,6 +172,23 @@ def test_index_with_keeps_other_entries_once() -> None:
     index = json.loads(index_with(index, second))
     again = json.loads(index_with(index, second))
     assert [m["digest"] for m in again["manifests"]] == [second.digest, first.digest]
+
+
+def test_index_without_keeps_every_other_entry_and_field() -> None:
+    entries: list[dict[str, Any]] = [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": n,
+         "digest": "sha256:" + str(n) * 64, "annotations": {"n": str(n)}}
+        for n in (1, 2, 3)
+    ]
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+             "manifests": entries, "annotations": {"kept": "yes"}}
+    without = index_without(index, {entries[1]["digest"], "sha256:" + "9" * 64})
+    assert without is not None
+    assert json.loads(without) == {**index, "manifests": [entries[0], entries[2]]}
+    assert index_without(index, set()) is not None
+    assert json.loads(index_without(index, set()) or b"") == index
+    assert index_without(index, {e["digest"] for e in entries}) is None
+    assert index_without({"manifests": []}, {"sha256:" + "1" * 64}) is None
 
 
 def test_signature_base64_in_bundle() -> None:

@@ -474,6 +474,50 @@ async def test_cached_verdicts_and_tags_expire_with_their_ttl(
 
 
 @pytest.mark.anyio
+async def test_a_decision_made_from_the_caches_is_reused_until_one_of_them_expires(
+    setup: Setup, signed: str, controller_factory: Any
+) -> None:
+    clock = FakeClock()
+    metrics = WebhookMetrics()
+    controller = await controller_factory(
+        clock=clock, metrics=metrics, tag_ttl_seconds=30, verdict_ttl_seconds=300
+    )
+    first = await controller.review(review_of(pod(WEB)))  # verified: not reusable
+    clock.advance(10)
+    second = await controller.review(review_of(pod(WEB)))  # from the caches: kept
+    third = await controller.review(review_of(pod(WEB)))
+    assert first.allowed
+    assert second.allowed
+    assert third is second
+    assert sample(metrics, "signgate_cache_lookups_total", cache="decision", result="hit") == 1
+    assert setup.registry.reads()[-1].startswith("GET")  # only the first review's requests
+    clock.advance(19.5)  # the tag, resolved at 0, is still fresh
+    assert await controller.review(review_of(pod(WEB))) is second
+    clock.advance(0.5)  # the tag expired: the kept decision goes with it
+    fourth = await controller.review(review_of(pod(WEB)))
+    assert fourth is not second
+    assert fourth.allowed
+    assert setup.registry.reads() == ["HEAD /v2/team/web/manifests/v1"]
+
+
+@pytest.mark.anyio
+async def test_a_kept_decision_is_per_namespace_and_per_image_set(
+    setup: Setup, signed: str, controller_factory: Any
+) -> None:
+    controller = await controller_factory(
+        setup.policy("    namespaces: {exclude: [dev-*]}\n") + "unmatched: deny\n"
+    )
+    for _ in range(3):
+        assert (await controller.review(review_of(pod(WEB, namespace="shop")))).allowed
+        excluded = await controller.review(review_of(pod(WEB, namespace="dev-1")))
+        assert not excluded.allowed
+        assert "matches no policy rule" in excluded.message
+        both = await controller.review(review_of(pod(WEB, f"{HOST}/team/api:v9")))
+        assert not both.allowed
+        assert "api:v9" in both.message
+
+
+@pytest.mark.anyio
 async def test_verdict_cache_is_bounded(
     setup: Setup, signed: str, controller_factory: Any
 ) -> None:
@@ -804,6 +848,7 @@ async def test_rotated_keys_do_not_reuse_verdicts_of_the_old_keys(
 ) -> None:
     controller = await controller_factory()
     assert (await controller.review(review_of(pod(WEB)))).allowed
+    assert (await controller.review(review_of(pod(WEB)))).allowed  # decided from the caches
     write_public_key(new_signer(), setup.key_file)
     await controller.refresh_keys()
     decision = await controller.review(review_of(pod(WEB)))

@@ -21,6 +21,7 @@ from signgate.policy import (
     parse_policy,
 )
 from signgate.reference import ImageReference
+from signgate.signatures.formats import SignatureFormat
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 
@@ -81,6 +82,7 @@ def test_defaults() -> None:
         NamespaceSelector(),
         False,
     )
+    assert rule.formats == (SignatureFormat.CLASSIC, SignatureFormat.BUNDLE)  # either accepted
 
 
 def test_every_option_is_read() -> None:
@@ -96,8 +98,10 @@ def test_every_option_is_read() -> None:
             mode: warn
             namespaces: {include: [prod-*, payments], exclude: [prod-sandbox]}
             require_child_signature: true
+            formats: [bundle]
         """
     ).rules
+    assert rule.formats == (SignatureFormat.BUNDLE,)
     assert rule.threshold == 2
     assert rule.mode is Mode.WARN
     assert dict(rule.annotations) == {"env": "prod", "team": "payments"}
@@ -304,7 +308,7 @@ rules:
     keys: [a.pub]
     treshold: 1
 """, "policy.yaml:5: rules[0].treshold: unknown field (known: name, images, keys, threshold, "
-     "annotations, mode, namespaces, action, require_child_signature)"),
+     "annotations, mode, namespaces, action, require_child_signature, formats)"),
     ("""\
 rules:
   - name: ours
@@ -509,6 +513,50 @@ rules:
   - name: ours
     images: [ghcr.io/acme/**]
     keys: [a.pub]
+    formats: [classic, sigstore]
+""", "policy.yaml:5: rules[0].formats[1]: must be one of classic, bundle"),
+    ("""\
+rules:
+  - name: ours
+    images: [ghcr.io/acme/**]
+    keys: [a.pub]
+    formats:
+      - bundle
+      - bundle
+""", "policy.yaml:7: rules[0].formats[1]: bundle is listed twice"),
+    ("""\
+rules:
+  - name: ours
+    images: [ghcr.io/acme/**]
+    keys: [a.pub]
+    formats: []
+""", "policy.yaml:5: rules[0].formats: must be a list of signature formats (classic, bundle)"),
+    ("""\
+rules:
+  - name: ours
+    images: [ghcr.io/acme/**]
+    keys: [a.pub]
+    formats: classic
+""", "policy.yaml:5: rules[0].formats: must be a list of signature formats (classic, bundle)"),
+    ("""\
+rules:
+  - name: ours
+    images: [ghcr.io/acme/**]
+    keys: [a.pub]
+    formats: [[classic]]
+""", "policy.yaml:5: rules[0].formats[0]: must be one of classic, bundle"),
+    ("""\
+rules:
+  - name: platform
+    images: [ghcr.io/acme/**]
+    action: allow
+    formats: [classic]
+""", "policy.yaml:5: rules[0].formats: applies only to a rule with keys"),
+    ("""\
+rules:
+  - name: ours
+    images: [ghcr.io/acme/**]
+    keys: [a.pub]
     keys: [b.pub]
 """, "policy.yaml:5: rules[0].keys: given twice"),
     ("""\
@@ -613,6 +661,8 @@ def test_load_policy_file_problems(tmp_path: Path) -> None:
         ({"images": ("ghcr.io/a:1",), "action": Action.ALLOW},
          "rule 'r': 'ghcr.io/a:1': a pattern names repositories, without a tag"),
         ({"images": ("",), "action": Action.ALLOW}, "rule 'r': an image pattern is empty"),
+        ({"images": ("ghcr.io/a/**",), "keys": ("a.pub",), "formats": ()},
+         "rule 'r': formats lists no signature format"),
     ],
 )  # fmt: skip
 def test_rules_built_in_code_keep_the_same_invariants(
@@ -651,6 +701,11 @@ def test_key_references_shown_without_secrets(reference: str, shown: str) -> Non
          "signatures by 2 of the keys a.pub, b.pub, c.pub with annotations a=b, env=prod"),
         (Rule("r", ("**",), keys=("a.pub",), require_child_signature=True),
          "a signature by key a.pub on the index and the platform's image"),
+        (Rule("r", ("**",), keys=("a.pub",), formats=(SignatureFormat.CLASSIC,)),
+         "a signature by key a.pub in the classic format"),
+        (Rule("r", ("**",), keys=("a.pub",),
+              formats=(SignatureFormat.BUNDLE, SignatureFormat.CLASSIC)),
+         "a signature by key a.pub"),
     ],
 )  # fmt: skip
 def test_requirement_reads_as_a_sentence(rule: Rule, text: str) -> None:

@@ -221,6 +221,6 @@ def test_a_controller_that_cannot_start_stops_the_server(live: ServerCertificate
     )
     server = uvicorn.Server(config)
     with pytest.raises(UsageError, match="the CA bundle is unusable"):
-        asyncio.run(_run(server, controller, certificate, 60.0))  # type: ignore[arg-type]
+        asyncio.run(_run(server, controller, certificate.watch(60.0)))  # type: ignore[arg-type]
     assert server.started
     assert controller.closed

@@ -12,13 +12,13 @@ import click
 from signgate.cli.options import RegistryFlags, registry_options, run
 from signgate.errors import InvalidReference, UsageError
 from signgate.reference import ImageReference
+from signgate.signatures.formats import DEFAULT_SIGN_FORMAT, SIGNATURE_FORMATS, SignatureFormat
 
 if TYPE_CHECKING:
-    from signgate.keys.model import Signer
-    from signgate.registry import RegistryClient
     from signgate.signatures.sign import SignOutcome
 
 ANNOTATION_HELP = "Annotation k=v: with sign, added to the payload; with verify, required."
+FORMAT_CHOICES = [str(f) for f in SIGNATURE_FORMATS]
 
 
 def parse_annotations(pairs: Sequence[str]) -> dict[str, str]:
@@ -63,9 +63,10 @@ def failure_line(reference: ImageReference, reason: str) -> str:
     help="signgate signs offline; only false is accepted.",
 )
 @click.option(
-    "--format", "signature_format", type=click.Choice(["classic", "bundle"]), default="classic",
-    show_default=True,
-    help="classic: cosign 2's sha256-HEX.sig image; bundle: cosign 3's Sigstore bundle referrer.",
+    "--format", "signature_format", type=click.Choice(FORMAT_CHOICES),
+    default=str(DEFAULT_SIGN_FORMAT), show_default=True,
+    help="bundle: cosign 3's Sigstore bundle referrer (cosign 2 cannot verify it); "
+    "classic: cosign 2's sha256-HEX.sig image.",
 )
 @registry_options
 @click.argument("images", nargs=-1, required=True)
@@ -100,10 +101,10 @@ def sign(
 
     async def sign_all() -> list[SignOutcome]:
         async with RegistryClient(registry.options_for(references)) as client:
-            if signature_format == "bundle":
-                return [await _sign_bundles(client, signer, r, wanted, recursive)
-                        for r in references]
-            return await sign_images(client, signer, references, wanted, recursive)
+            return await sign_images(
+                client, signer, references, wanted, recursive,
+                signature_format=SignatureFormat(signature_format),
+            )
 
     failures = 0
     for outcome in run(sign_all()):
@@ -121,33 +122,6 @@ def sign(
         sys.exit(1)
 
 
-async def _sign_bundles(
-    client: RegistryClient,
-    signer: Signer,
-    reference: ImageReference,
-    annotations: dict[str, str],
-    recursive: bool,
-) -> SignOutcome:
-    """Sign one image (and, recursively, an index's children) in cosign 3's bundle format."""
-    from signgate.errors import Error
-    from signgate.signatures.referrers import sign_digest_bundle
-    from signgate.signatures.sign import SignedDigest, SignOutcome, digests_to_sign
-    from signgate.signatures.store import signature_repository
-
-    try:
-        target = signature_repository(reference.repository)
-        signed = []
-        for digest in await digests_to_sign(client, reference, recursive):
-            bundle = await sign_digest_bundle(
-                client, signer, reference.repository, digest, annotations, target
-            )
-            location = f"{target}@{bundle.manifest_digest}"
-            signed.append(SignedDigest(reference, digest, location, bundle.already_signed))
-    except Error as e:
-        return SignOutcome(reference, error=e.diagnostics())
-    return SignOutcome(reference, tuple(signed))
-
-
 @click.command()
 @click.option(
     "--key", "key_refs", required=True, multiple=True,
@@ -163,6 +137,10 @@ async def _sign_bundles(
     help="Accepted for cosign compatibility: signgate verifies key signatures offline.",
 )
 @click.option("-o", "--output", type=click.Choice(["json", "text"]), default="json")
+@click.option(
+    "--format", "signature_format", type=click.Choice([*FORMAT_CHOICES, "any"]),
+    default="any", show_default=True, help="The signature format to accept.",
+)
 @registry_options
 @click.argument("images", nargs=-1, required=True)
 def verify(
@@ -170,6 +148,7 @@ def verify(
     annotations: tuple[str, ...],
     insecure_ignore_tlog: bool,
     output: str,
+    signature_format: str,
     registry: RegistryFlags,
     images: tuple[str, ...],
 ) -> None:
@@ -181,10 +160,13 @@ def verify(
     required = parse_annotations(annotations)
     references = parse_references(images)
     keys = load_public_keys(key_refs)
+    formats = (
+        SIGNATURE_FORMATS if signature_format == "any" else (SignatureFormat(signature_format),)
+    )
 
     async def verify_all() -> list[ImageVerification]:
         async with RegistryClient(registry.options_for(references)) as client:
-            return await verify_images(client, references, keys, required)
+            return await verify_images(client, references, keys, required, formats=formats)
 
     failures = 0
     for result in run(verify_all()):
@@ -239,7 +221,7 @@ def triangulate(kind: str, registry: RegistryFlags, image: str) -> None:
 @registry_options
 @click.argument("image")
 def tree(key_refs: tuple[str, ...], registry: RegistryFlags, image: str) -> None:
-    """List IMAGE's signatures, attestations and SBOMs."""
+    """List IMAGE's signatures, attestations and SBOMs, classic and bundle."""
     from signgate.keys import load_public_keys
     from signgate.registry import RegistryClient
     from signgate.signatures.attachments import Attachment, attachment_tree
@@ -257,7 +239,10 @@ def tree(key_refs: tuple[str, ...], registry: RegistryFlags, image: str) -> None
         click.echo("└── (none)")
     for i, attachment in enumerate(attachments):
         last = i == len(attachments) - 1
-        click.echo(f"{'└──' if last else '├──'} {attachment.kind}s: {attachment.location}")
+        in_format = " (bundles)" if attachment.format == "bundle" else ""
+        click.echo(
+            f"{'└──' if last else '├──'} {attachment.kind}s{in_format}: {attachment.location}"
+        )
         indent = "    " if last else "│   "
         for j, attached in enumerate(attachment.layers):
             branch = "└──" if j == len(attachment.layers) - 1 else "├──"
@@ -277,7 +262,7 @@ def tree(key_refs: tuple[str, ...], registry: RegistryFlags, image: str) -> None
 def clean(
     key_ref: str | None, kind: str, force: bool, registry: RegistryFlags, image: str
 ) -> None:
-    """Remove IMAGE's signatures (all, or only KEY's), attestations and SBOMs."""
+    """Remove IMAGE's signatures (all, or only KEY's), attestations and SBOMs, in both formats."""
     from signgate.keys import load_public_key
     from signgate.keys.refs import display_key_ref
     from signgate.registry import RegistryClient
@@ -308,7 +293,13 @@ def clean(
     if not outcomes:
         click.echo(f"Nothing to remove for {reference}", err=True)
     for outcome in outcomes:
-        if outcome.deleted_image:
+        if outcome.format == "bundle":
+            click.echo(
+                f"Removed {outcome.removed} {outcome.kind} bundle(s) listed in "
+                f"{outcome.location}, kept {outcome.kept}",
+                err=True,
+            )
+        elif outcome.deleted_image:
             click.echo(f"Removed {outcome.location}", err=True)
         else:
             click.echo(

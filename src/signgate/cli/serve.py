@@ -111,6 +111,14 @@ _SECONDS_OR_OFF = click.FloatRange(min=0)
     "require_child_signature verifies.",
 )
 @click.option(
+    "--policy-reload-interval",
+    type=_SECONDS,
+    default=5.0,
+    show_default=True,
+    help="Seconds between checks of the policy file for changes (a new policy is served once "
+    "it parses and its keys load).",
+)
+@click.option(
     "--tls-reload-interval",
     type=_SECONDS,
     default=5.0,
@@ -146,21 +154,21 @@ def serve(
     stale_if_error: float,
     key_refresh: float,
     platform: str,
+    policy_reload_interval: float,
     tls_reload_interval: float,
     shutdown_grace: float,
     log_level: str,
 ) -> None:
     """Serve the admission webhook over TLS: POST /validate and /mutate take AdmissionReviews;
     GET /healthz, /readyz and /metrics are for probes and Prometheus."""
-    from signgate.policy import load_policy
     from signgate.registry import RegistryOptions
     from signgate.webhook.controller import ControllerSettings
-    from signgate.webhook.server import ServeSettings
+    from signgate.webhook.server import ServeSettings, read_policy_file
     from signgate.webhook.server import serve as serve_webhook
 
     serve_webhook(
         ServeSettings(
-            policy=load_policy(policy_file),
+            policy=read_policy_file(policy_file),
             registry=RegistryOptions(
                 insecure_registries=frozenset(insecure_registries),
                 docker_config_dir=docker_config,
@@ -180,6 +188,7 @@ def serve(
             host=host,
             port=port,
             tls_reload_seconds=tls_reload_interval,
+            policy_reload_seconds=policy_reload_interval,
             shutdown_grace_seconds=shutdown_grace,
             log_level=log_level,
         )

@@ -16,7 +16,7 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -340,3 +340,13 @@ def index_with(index: Mapping[str, Any] | None, entry: Descriptor) -> bytes:
         "manifests": [entry.json(), *kept],
     }
     return json.dumps(document, separators=(",", ":")).encode()
+
+
+def index_without(index: Mapping[str, Any], digests: Collection[str]) -> bytes | None:
+    """The fallback index ``index`` without the entries for ``digests``, everything else kept
+    as it is; None when no entry is left (the index is then deleted)."""
+    existing = list(index.get("manifests") or [])
+    kept = [e for e in existing if not (isinstance(e, dict) and e.get("digest") in digests)]
+    if not kept:
+        return None
+    return json.dumps({**index, "manifests": kept}, separators=(",", ":")).encode()

@@ -1,4 +1,5 @@
-"""Signing images: payload, signature, and the signature image appended in the registry."""
+"""Signing images in either format: the classic signature image appended in the registry, or a
+cosign 3 bundle referring to the image."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from signgate.errors import Error, RegistryError
 from signgate.keys.model import Signer
 from signgate.reference import ImageReference, Repository
 from signgate.registry import IMAGE_CONCURRENCY, INDEX_MEDIA_TYPES, RegistryClient
+from signgate.signatures.formats import DEFAULT_SIGN_FORMAT, SignatureFormat
 from signgate.signatures.layout import SignatureLayer
 from signgate.signatures.payload import build_payload
+from signgate.signatures.referrers import sign_digest_bundle
 from signgate.signatures.store import (
     read_signature_image,
     signature_repository,
@@ -26,7 +29,8 @@ _WRITE_ATTEMPTS = 5
 
 @dataclass(frozen=True)
 class SignedDigest:
-    """One digest signed (or found already signed) and where its signature image lives."""
+    """One digest signed (or found already signed) and where its signature is: the classic
+    signature image's tag, or the bundle manifest's ``repository@digest``."""
 
     reference: ImageReference
     digest: str
@@ -83,18 +87,39 @@ async def sign_digest(
     )
 
 
+async def sign_digest_as_bundle(
+    client: RegistryClient,
+    signer: Signer,
+    reference: ImageReference,
+    digest: str,
+    annotations: Mapping[str, str] | None = None,
+) -> SignedDigest:
+    """Sign ``reference.repository@digest`` in cosign 3's bundle format."""
+    repository = signature_repository(reference.repository)
+    bundle = await sign_digest_bundle(
+        client, signer, reference.repository, digest, annotations, repository
+    )
+    location = f"{repository}@{bundle.manifest_digest}"
+    return SignedDigest(reference, digest, location, bundle.already_signed)
+
+
 async def sign_image(
     client: RegistryClient,
     signer: Signer,
     reference: ImageReference,
     annotations: Mapping[str, str] | None = None,
     recursive: bool = False,
+    signature_format: SignatureFormat = DEFAULT_SIGN_FORMAT,
 ) -> list[SignedDigest]:
-    """Sign the digest ``reference`` resolves to (and, recursively, an index's children)."""
+    """Sign the digest ``reference`` resolves to (and, recursively, an index's children) in
+    ``signature_format`` (a cosign 3 bundle by default, as ``signgate sign`` and cosign 3)."""
     digests = await digests_to_sign(client, reference, recursive)
+    sign_one = (
+        sign_digest_as_bundle if signature_format == SignatureFormat.BUNDLE else sign_digest
+    )
     return list(
         await asyncio.gather(
-            *(sign_digest(client, signer, reference, digest, annotations) for digest in digests)
+            *(sign_one(client, signer, reference, digest, annotations) for digest in digests)
         )
     )
 
@@ -115,8 +140,10 @@ async def sign_images(
     annotations: Mapping[str, str] | None = None,
     recursive: bool = False,
     concurrency: int = IMAGE_CONCURRENCY,
+    signature_format: SignatureFormat = DEFAULT_SIGN_FORMAT,
 ) -> list[SignOutcome]:
-    """Sign many images concurrently over the client's one connection pool.
+    """Sign many images concurrently over the client's one connection pool, in
+    ``signature_format`` (a cosign 3 bundle by default).
 
     One image's failure does not stop the others: each outcome says what happened to it.
     """
@@ -125,7 +152,9 @@ async def sign_images(
     async def one(reference: ImageReference) -> SignOutcome:
         async with limit:
             try:
-                signed = await sign_image(client, signer, reference, annotations, recursive)
+                signed = await sign_image(
+                    client, signer, reference, annotations, recursive, signature_format
+                )
             except Error as e:
                 return SignOutcome(reference, error=e.diagnostics())
             return SignOutcome(reference, tuple(signed))

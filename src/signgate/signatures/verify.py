@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from signgate.digests import compute_digest
 from signgate.errors import Error, VerificationError
@@ -13,14 +13,11 @@ from signgate.keys.model import PublicKey
 from signgate.reference import ImageReference, Repository
 from signgate.registry import IMAGE_CONCURRENCY, RegistryClient
 from signgate.signatures.bundle import BUNDLE_MEDIA_TYPE, check_bundle
+from signgate.signatures.formats import SIGNATURE_FORMATS, SignatureFormat, describe_formats
 from signgate.signatures.layout import SIMPLE_SIGNING_MEDIA_TYPE, SignatureLayer
 from signgate.signatures.payload import SimpleSigningPayload, build_payload, parse_payload
 from signgate.signatures.referrers import BundleArtifact, read_bundles
 from signgate.signatures.store import fetch_payload, read_signature_image, signature_repository
-
-CLASSIC = "classic"
-BUNDLE = "bundle"
-SIGNATURE_FORMATS = (CLASSIC, BUNDLE)
 
 
 @dataclass(frozen=True)
@@ -95,6 +92,8 @@ class ImageVerification:
     checks: tuple[SignatureCheck, ...] = ()
     error: str | None = None
     signature_location: str | None = None
+    # Set when no accepted signature verified but one in a format not accepted does: says so.
+    format_refusal: str | None = None
     verified: tuple[SignatureCheck, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -108,6 +107,8 @@ class ImageVerification:
         """One line saying why the image failed (empty when it verified)."""
         if self.ok:
             return ""
+        if self.format_refusal:
+            return self.format_refusal
         if self.error:
             return self.error
         if not self.checks:
@@ -149,7 +150,11 @@ async def verify_image(
 ) -> ImageVerification:
     """Verify one image's signatures in the given ``formats`` (classic ``.sig`` images and
     cosign 3 bundles by default); registry failures become the verdict's error, never an
-    exception."""
+    exception.
+
+    When no signature in ``formats`` verifies, the other format is looked at too, so that the
+    reason can say the image is signed, but only in a format not accepted.
+    """
     try:
         # Fetched by digest too, as cosign does (go-containerregistry checks the digest of what
         # it fetched): a registry serving other bytes under the digest fails verification.
@@ -159,9 +164,32 @@ async def verify_image(
         return ImageVerification(reference, None, error=e.diagnostics())
     repository = signature_repo or signature_repository(reference.repository)
     required = required_annotations or {}
+    result = await _verify_digest(client, reference, digest, repository, keys, required, formats)
+    others = [f for f in SIGNATURE_FORMATS if f not in formats]
+    if result.ok or not others:
+        return result
+    elsewhere = await _verify_digest(client, reference, digest, repository, keys, required, others)
+    if not elsewhere.ok:
+        return result
+    refusal = (
+        f"the signature exists only in the {describe_formats(others)} format; "
+        f"the {describe_formats(formats)} format is required"
+    )
+    return replace(result, format_refusal=refusal)
+
+
+async def _verify_digest(
+    client: RegistryClient,
+    reference: ImageReference,
+    digest: str,
+    repository: Repository,
+    keys: Sequence[PublicKey],
+    required: Mapping[str, str],
+    formats: Collection[str],
+) -> ImageVerification:
     checks: list[SignatureCheck] = []
     image = None
-    if CLASSIC in formats:
+    if SignatureFormat.CLASSIC in formats:
         try:
             image = await read_signature_image(client, repository, digest)
             if image is not None:
@@ -178,7 +206,7 @@ async def verify_image(
     verified_keys = {c.key.key_id for c in checks if c.verified and c.key is not None}
     # Bundles can only add keys not yet verified: skip the look-up (two requests on a registry
     # without the referrers API) when every key already verified a classic signature.
-    if BUNDLE in formats and not {k.key_id for k in keys} <= verified_keys:
+    if SignatureFormat.BUNDLE in formats and not {k.key_id for k in keys} <= verified_keys:
         try:
             bundles = await read_bundles(client, repository, digest)
         except Error as e:
@@ -188,7 +216,7 @@ async def verify_image(
                 SignatureCheck(_BUNDLE_PLACEHOLDER, reason=f"bundles unreadable: {e.diagnostics()}")
             )
         else:
-            checks.extend(bundle_signature_check(a, keys, digest, required)
+            checks.extend(bundle_signature_check(a, keys, digest, required, str(reference))
                           for a in bundles.artifacts)
             if bundles.artifacts and location is None:
                 location = bundles.location
@@ -207,8 +235,14 @@ def bundle_signature_check(
     keys: Sequence[PublicKey],
     digest: str,
     required_annotations: Mapping[str, str],
+    docker_reference: str = "",
 ) -> SignatureCheck:
-    """A bundle's verdict in the shape of a classic one, so both count towards a threshold."""
+    """A bundle's verdict in the shape of a classic one, so both count towards a threshold.
+
+    Its payload document is what cosign 3 prints for a bundle: a simple-signing claim made of
+    the reference verified, the digest, the predicate type and the statement's annotations,
+    so that what reads `verify`'s output need not know the signature's format.
+    """
     layer = SignatureLayer(BUNDLE_MEDIA_TYPE, artifact.bundle_digest or artifact.manifest_digest,
                            len(artifact.bundle))
     if artifact.problem is not None:
@@ -216,11 +250,19 @@ def bundle_signature_check(
     result = check_bundle(layer.digest, artifact.bundle, keys, digest, required_annotations)
     payload = None
     if result.statement is not None:
+        statement = result.statement
         payload = SimpleSigningPayload(
-            docker_reference="",
+            docker_reference=docker_reference,
             manifest_digest=digest,
-            annotations=result.statement.annotations,
-            document=result.statement.document,
+            annotations=statement.annotations,
+            document={
+                "critical": {
+                    "identity": {"docker-reference": docker_reference},
+                    "image": {"docker-manifest-digest": digest},
+                    "type": statement.predicate_type,
+                },
+                "optional": dict(statement.annotations),
+            },
         )
     return SignatureCheck(layer, key=result.key, payload=payload,
                           payload_bytes=result.statement_bytes, reason=result.reason)
@@ -249,12 +291,15 @@ async def verify_images(
     keys: Sequence[PublicKey],
     required_annotations: Mapping[str, str] | None = None,
     concurrency: int = IMAGE_CONCURRENCY,
+    formats: Collection[str] = SIGNATURE_FORMATS,
 ) -> list[ImageVerification]:
     """Verify many images concurrently over the client's one connection pool."""
     limit = asyncio.Semaphore(concurrency)
 
     async def one(reference: ImageReference) -> ImageVerification:
         async with limit:
-            return await verify_image(client, reference, keys, required_annotations)
+            return await verify_image(
+                client, reference, keys, required_annotations, formats=formats
+            )
 
     return list(await asyncio.gather(*(one(r) for r in references)))

@@ -17,7 +17,6 @@ https://kubernetes.io/docs/reference/access-authn-authz/extensible-admission-con
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
@@ -147,36 +146,28 @@ class WebhookApp:
         request = review.request
         try:
             decision = await self.controller.review(review)
-            response = decision.to_response(request.uid, with_patch=with_patch)
+            response = decision.response_body(request.uid, with_patch=with_patch)
         except Exception:
             log.exception("deciding on request %s failed; refusing it", request.uid)
             decision = AdmissionDecision.denial(FAILED_CLOSED_MESSAGE)
-            response = decision.to_response(request.uid, with_patch=False)
+            response = decision.response_body(request.uid, with_patch=False)
         latency = self.clock() - started
         decision_log.info(
             "admission %s", "allowed" if decision.allowed else "denied",
-            extra={"fields": decision_fields(request, decision, latency, with_patch=with_patch)},
+            extra={
+                "fields": decision_fields(request, decision, latency, with_patch=with_patch),
+                "fields_json": decision.log_fields_json,
+            },
         )
-        await _respond(send, 200, json.dumps(response, separators=(",", ":")).encode(), _JSON)
+        await _respond(send, 200, response, _JSON)
 
 
 def decision_fields(
     request: AdmissionRequest, decision: AdmissionDecision, latency_seconds: float,
     *, with_patch: bool,
 ) -> dict[str, Any]:
-    """The structured log record of one decision. Messages name key ids, never key references
-    with secrets in them (the policy shows those through ``display_key_ref``)."""
-    images = [
-        {
-            "image": o.image.image,
-            "container": o.image.container,
-            "digest": o.digest,
-            "verdict": o.verdict.value,
-            "rule": o.rule,
-            "reason": o.reason,
-        }
-        for o in decision.outcomes
-    ]
+    """The fields of one decision's log line that depend on the request; the decision's own
+    are :attr:`AdmissionDecision.log_fields`."""
     return {
         "event": "admission",
         "uid": request.uid,
@@ -187,12 +178,6 @@ def decision_fields(
         "name": request.name or _object_name(request),
         "operation": request.operation.value,
         "dry_run": request.dry_run,
-        "verdict": "allowed" if decision.allowed else "denied",
-        "rules": sorted({o.rule for o in decision.outcomes if o.rule is not None}),
-        "reason": decision.message,
-        "images": images,
-        "warnings": list(decision.warnings),
-        "audit": list(decision.audit),
         "patched": len(decision.patch) if with_patch and decision.allowed else 0,
         "latency_ms": round(latency_seconds * 1000, 3),
     }

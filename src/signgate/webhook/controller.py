@@ -128,6 +128,7 @@ class TimedCache(Generic[K, V]):
         self.retain_seconds = retain_seconds
         self._clock = clock
         self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self.evictions = 0  # entries pushed out to keep within max_entries, ever
 
     def lookup(self, key: K, max_age: float) -> tuple[V, float] | None:
         """The value and its age in seconds, if stored less than ``max_age`` seconds ago."""
@@ -153,6 +154,7 @@ class TimedCache(Generic[K, V]):
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+            self.evictions += 1
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -293,6 +295,28 @@ class _Pending:
 
 _VerdictKey = tuple[str, str, tuple[str, ...]]  # digest, rule name, key fingerprint
 _TagKey = tuple[Repository, str]
+# The namespace and, for each image, where it is, its container, its text and whether it changed.
+_DecisionKey = tuple[str, tuple[tuple[tuple[str | int, ...], str, str, bool], ...]]
+
+
+@dataclass(frozen=True)
+class _KnownDecision:
+    """A decision made from the caches alone: valid until the first entry it was made from
+    expires, under the policy and keys it was made with (a key refresh starts afresh), and
+    while no cache has evicted anything since (an evicted entry must be verified again)."""
+
+    decision: AdmissionDecision
+    valid_until: float
+    policy: Policy
+    rule_keys: dict[str, _RuleKeys]
+    evictions: int
+
+    def is_current(
+        self, policy: Policy, rule_keys: dict[str, _RuleKeys], evictions: int
+    ) -> bool:
+        return (
+            policy is self.policy and rule_keys is self.rule_keys and evictions == self.evictions
+        )
 
 
 class AdmissionController:
@@ -327,6 +351,8 @@ class AdmissionController:
         )
         self._verifications: SingleFlight[_VerdictKey, ImageVerdict] = SingleFlight()
         self._resolutions: SingleFlight[_TagKey, _Resolution] = SingleFlight()
+        self._clock = clock
+        self._decisions: OrderedDict[_DecisionKey, _KnownDecision] = OrderedDict()
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -385,11 +411,36 @@ class AdmissionController:
         A key that loaded before and now fails keeps its last loaded value: a KMS outage must
         not take a serving webhook out of rotation. A key never loaded keeps its rule unready.
         """
-        refs = self.policy.key_references()
+        await self._load_keys(self.policy.key_references())
+        self._rule_keys = self._keys_of_rules(self.policy)
+
+    async def replace_policy(self, policy: Policy) -> list[str]:
+        """Serve ``policy`` from the next review on, once every key it names has loaded; the
+        problems that kept it from being served (then the current policy stays), else none.
+
+        Keeping the policy in force when a new key cannot load is what a rotation needs: the
+        policy that trusts OLD and NEW must never give way to one that trusts neither.
+        """
+        problems = await self._load_keys(
+            [ref for ref in policy.key_references() if ref not in self._keys]
+        )
+        if problems:
+            return [
+                f"key {display_key_ref(ref)} could not be loaded: {reason}"
+                for ref, reason in problems.items()
+            ]
+        # One step, no await between: every review sees the old policy and keys or the new.
+        self._rule_keys = self._keys_of_rules(policy)
+        self.policy = policy
+        return []
+
+    async def _load_keys(self, refs: Sequence[str]) -> dict[str, str]:
+        """Load ``refs`` into the key table; why each that failed did (its old value stays)."""
         results = await asyncio.gather(*(asyncio.to_thread(_load_key, ref) for ref in refs))
+        failed = {}
         for ref, result in zip(refs, results, strict=True):
             if isinstance(result, str):
-                self._key_problems[ref] = result
+                failed[ref] = self._key_problems[ref] = result
                 if ref in self._keys:
                     log.warning(
                         "key %s could not be refreshed, keeping the loaded one: %s",
@@ -401,13 +452,16 @@ class AdmissionController:
             else:
                 self._keys[ref] = tuple(result)
                 self._key_problems.pop(ref, None)
+        return failed
+
+    def _keys_of_rules(self, policy: Policy) -> dict[str, _RuleKeys]:
         rule_keys = {}
-        for rule in self.policy.rules:
+        for rule in policy.rules:
             if rule.verifies and all(ref in self._keys for ref in rule.keys):
                 keys = tuple(dict.fromkeys(k for ref in rule.keys for k in self._keys[ref]))
                 fingerprint = tuple(sorted({k.key_id for k in keys}))
                 rule_keys[rule.name] = _RuleKeys(keys, fingerprint)
-        self._rule_keys = rule_keys
+        return rule_keys
 
     async def _refresh_keys_forever(self) -> None:
         retry = FIRST_KEY_RETRY_SECONDS
@@ -449,25 +503,57 @@ class AdmissionController:
         return decision
 
     async def _review(self, review: AdmissionReview) -> AdmissionDecision:
+        request = review.request
+        now = self._clock()
+        decision_key = (request.workload_namespace, tuple(
+            (image.path, image.container, image.image, image.changed) for image in request.images
+        ))
+        known = self._decisions.get(decision_key)
+        if known is not None:
+            if known.valid_until > now and known.is_current(
+                self.policy, self._rule_keys, self._evictions()
+            ):
+                self._decisions.move_to_end(decision_key)
+                self._count_cache("decision", True)
+                return known.decision
+            del self._decisions[decision_key]
+        self._count_cache("decision", False)
+        # A decision made only from fresh cache entries (or no registry at all) holds until the
+        # first of them expires: until then every review of the same images decides the same.
+        valid_until = now + self.settings.verdict_ttl_seconds
+        evictions = self._evictions()
         verdicts: dict[ImageReference, ImageVerdict] = {}
         pending: list[_Pending] = []
+        rule_keys = self._rule_keys
         for reference, rule in images_to_verify(review, self.policy):
-            keys = self._rule_keys.get(rule.name)
+            keys = rule_keys.get(rule.name)
             if keys is None:
                 verdicts[reference] = ImageVerdict(None, ok=False, reason=self._keys_missing(rule))
                 continue
             digest = reference.digest
             if digest is None:
-                digest = self._tags.get(_tag_key(reference), self.settings.tag_ttl_seconds)
-                self._count_cache("tag", digest is not None)
+                tag = self._tags.lookup(_tag_key(reference), self.settings.tag_ttl_seconds)
+                self._count_cache("tag", tag is not None)
+                if tag is not None:
+                    digest, age = tag
+                    valid_until = min(valid_until, now - age + self.settings.tag_ttl_seconds)
             cached = None if digest is None else self._fresh_verdict(digest, rule, keys)
             if cached is not None:
-                verdicts[reference] = cached
+                verdict, age = cached
+                verdicts[reference] = verdict
+                valid_until = min(valid_until, now - age + self.settings.verdict_ttl_seconds)
             else:
                 pending.append(_Pending(reference, rule, keys, digest))
         if pending:
             await self._verify_within_deadline(pending, verdicts)
-        return decide(review, self.policy, verdicts)
+        decision = decide(review, self.policy, verdicts)
+        if not pending:
+            self._decisions[decision_key] = _KnownDecision(
+                decision, valid_until, self.policy, rule_keys, evictions
+            )
+            while len(self._decisions) > self.settings.max_cache_entries:
+                self._decisions.popitem(last=False)
+        return decision
 
     async def _verify_within_deadline(
         self, pending: list[_Pending], verdicts: dict[ImageReference, ImageVerdict]
@@ -488,6 +574,9 @@ class AdmissionController:
                 if image.reference not in verdicts:
                     verdicts[image.reference] = self._late_verdict(image)
 
+    def _evictions(self) -> int:
+        return self._tags.evictions + self._verdicts.evictions
+
     def _keys_missing(self, rule: Rule) -> str:
         missing = [display_key_ref(ref) for ref in rule.keys if ref not in self._keys]
         return (
@@ -495,12 +584,15 @@ class AdmissionController:
             "images this rule verifies until they are"
         )
 
-    def _fresh_verdict(self, digest: str, rule: Rule, keys: _RuleKeys) -> ImageVerdict | None:
-        verdict = self._verdicts.get(
+    def _fresh_verdict(
+        self, digest: str, rule: Rule, keys: _RuleKeys
+    ) -> tuple[ImageVerdict, float] | None:
+        """The cached verdict and its age, if it is younger than the verdict TTL."""
+        found = self._verdicts.lookup(
             (digest, rule.name, keys.fingerprint), self.settings.verdict_ttl_seconds
         )
-        self._count_cache("verdict", verdict is not None)
-        return verdict
+        self._count_cache("verdict", found is not None)
+        return found
 
     async def _verdict(self, image: _Pending) -> ImageVerdict:
         """The verdict for an image whose fresh verdict is not cached."""
@@ -514,9 +606,9 @@ class AdmissionController:
             if resolution.digest is None:
                 return ImageVerdict(None, ok=False, reason=resolution.failure)
             digest, warning = resolution.digest, resolution.warning
-            verdict = self._fresh_verdict(digest, rule, keys)
-            if verdict is not None:
-                return _with_warning(verdict, warning)
+            fresh = self._fresh_verdict(digest, rule, keys)
+            if fresh is not None:
+                return _with_warning(fresh[0], warning)
         key = (digest, rule.name, keys.fingerprint)
         pinned = reference.with_digest(digest)
         verdict = await self._verifications.run(key, lambda: self._verify(pinned, rule, keys, key))
@@ -585,14 +677,18 @@ class AdmissionController:
     ) -> tuple[ImageVerdict, bool]:
         """The verdict, and whether it failed before any signature could be judged."""
         client = self._registry()
-        verification = await verify_image(client, reference, keys.keys, rule.annotations)
+        verification = await verify_image(
+            client, reference, keys.keys, rule.annotations, formats=rule.formats
+        )
         verdict = ImageVerdict.from_verification(verification)
         if not verification.ok or not rule.require_child_signature:
             return verdict, _unread(verification)
         child = await self._platform_child(reference)
         if child is None:
             return verdict, False  # an image, not an index: its own signature is the child's
-        child_verification = await verify_image(client, child, keys.keys, rule.annotations)
+        child_verification = await verify_image(
+            client, child, keys.keys, rule.annotations, formats=rule.formats
+        )
         if not child_verification.ok:
             reason = (
                 f"the {self.settings.child_platform} image {child.digest} of the index: "

@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from signgate.policy import Action, Mode, Policy, Rule
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from signgate.signatures.verify import ImageVerification
 
 SHORT_KEY_ID_LENGTH = 12
+_UID_PLACEHOLDER = "\x00uid"
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,54 @@ class AdmissionDecision:
             response["patchType"] = "JSONPatch"
             response["patch"] = base64.b64encode(patch).decode("ascii")
         return {"apiVersion": API_VERSION, "kind": REVIEW_KIND, "response": response}
+
+    @cached_property
+    def log_fields(self) -> dict[str, Any]:
+        """The fields of the decision log line that depend on the decision alone (the request's
+        are added per request). Messages name key ids, never key references with secrets in
+        them (the policy shows those through ``display_key_ref``)."""
+        return {
+            "verdict": "allowed" if self.allowed else "denied",
+            "rules": sorted({o.rule for o in self.outcomes if o.rule is not None}),
+            "reason": self.message,
+            "images": [
+                {
+                    "image": o.image.image,
+                    "container": o.image.container,
+                    "digest": o.digest,
+                    "verdict": o.verdict.value,
+                    "rule": o.rule,
+                    "reason": o.reason,
+                }
+                for o in self.outcomes
+            ],
+            "warnings": list(self.warnings),
+            "audit": list(self.audit),
+        }
+
+    @cached_property
+    def log_fields_json(self) -> str:
+        """:attr:`log_fields` as the members of a JSON object (``"a":1,"b":2``), serialised once
+        for all the reviews this (cached) decision answers."""
+        return json.dumps(self.log_fields, separators=(",", ":"))[1:-1]
+
+    def response_body(self, uid: str, *, with_patch: bool = True) -> bytes:
+        """:meth:`to_response` as compact JSON. The webhook answers the same decision many times
+        (it is cached), so everything but the uid is serialised once."""
+        before, after = self._response_halves[with_patch]
+        return before + json.dumps(uid).encode() + after
+
+    @cached_property
+    def _response_halves(self) -> dict[bool, tuple[bytes, bytes]]:
+        halves = {}
+        for with_patch in (False, True):
+            body = json.dumps(
+                self.to_response(_UID_PLACEHOLDER, with_patch=with_patch), separators=(",", ":")
+            ).encode()
+            # The uid is the first field of the response, after constant fields.
+            before, _, after = body.partition(json.dumps(_UID_PLACEHOLDER).encode())
+            halves[with_patch] = (before, after)
+        return halves
 
 
 def images_to_verify(review: AdmissionReview, policy: Policy) -> list[tuple[ImageReference, Rule]]:

@@ -32,7 +32,7 @@ class WebhookMetrics:
     def __init__(self) -> None:
         # Imported here: the controller (and so `signgate check`) uses is_registry_error without
         # paying for prometheus_client.
-        from prometheus_client import CollectorRegistry, Counter, Histogram
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry: CollectorRegistry = CollectorRegistry(auto_describe=True)
         self._admissions = Counter(
@@ -49,7 +49,7 @@ class WebhookMetrics:
         )
         self._cache = Counter(
             "signgate_cache_lookups",
-            "Cache lookups by cache (verdict, tag) and result (hit, miss).",
+            "Cache lookups by cache (decision, verdict, tag) and result (hit, miss).",
             ["cache", "result"],
             registry=self.registry,
         )
@@ -67,6 +67,20 @@ class WebhookMetrics:
             registry=self.registry,
         )
 
+        self._policy = Gauge(
+            "signgate_policy_info",
+            "1 for the policy in force, labelled with the SHA-256 of its file: a key rotation "
+            "waits until every replica serves the policy that trusts the new key.",
+            ["sha256"],
+            registry=self.registry,
+        )
+        self._policy_loaded = Gauge(
+            "signgate_policy_loaded_timestamp_seconds",
+            "When the policy in force was loaded (Unix time).",
+            registry=self.registry,
+        )
+        self._policy_sha256: str | None = None
+
         # labels() hashes and locks on every call; a review counts several times, so each
         # labelled child is looked up once and kept.
         self._children: dict[tuple[object, ...], Any] = {}
@@ -81,6 +95,13 @@ class WebhookMetrics:
     def observe_admission(self, verdict: str, seconds: float) -> None:
         self._child(self._admissions, verdict).inc()
         self._latency.observe(seconds)
+
+    def policy_in_force(self, sha256: str) -> None:
+        if self._policy_sha256 is not None:
+            self._policy.remove(self._policy_sha256)
+        self._policy.labels(sha256).set(1)
+        self._policy_sha256 = sha256
+        self._policy_loaded.set_to_current_time()
 
     def cache(self, name: str, hit: bool) -> None:
         self._child(self._cache, name, "hit" if hit else "miss").inc()

@@ -209,6 +209,8 @@ def _shown(value: object) -> str:
 
 
 def _mapping(value: object, path: str) -> Mapping[str, Any]:
+    if type(value) is dict:  # what JSON decodes to; the ABC check costs far more per field
+        return value
     if not isinstance(value, Mapping):
         raise MalformedReview(f"{path}: must be an object")
     return value
@@ -314,14 +316,18 @@ def container_images(
         if not isinstance(containers, list):
             raise MalformedReview(f"{'.'.join((where, *list_path))}: must be a list")
         for index, container in enumerate(containers):
-            container_path = f"{'.'.join((where, *list_path))}[{index}]"
-            container = _mapping(container, container_path)
+            if type(container) is not dict:
+                container = _mapping(container, _container_path(where, list_path, index))
             image = container.get("image")
             if image is None or image == "":
                 continue
-            if not isinstance(image, str):
-                raise MalformedReview(f"{container_path}.image: must be a string")
-            name = _string(container, "name", container_path)
+            if type(image) is not str:
+                raise MalformedReview(
+                    f"{_container_path(where, list_path, index)}.image: must be a string"
+                )
+            name = container.get("name")
+            if type(name) is not str:
+                name = _string(container, "name", _container_path(where, list_path, index))
             try:
                 reference: ImageReference | None = ImageReference.parse(image)
                 problem = None
@@ -331,6 +337,11 @@ def container_images(
                 ContainerImage((*list_path, index, "image"), name, image, reference, problem)
             )
     return images
+
+
+def _container_path(where: str, list_path: tuple[str, ...], index: int) -> str:
+    """How a message names a container, e.g. ``request.object.spec.containers[0]``."""
+    return f"{'.'.join((where, *list_path))}[{index}]"
 
 
 def request_images(request: AdmissionRequest) -> list[ContainerImage]:

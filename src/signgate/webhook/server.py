@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import gc
+import hashlib
 import json
 import logging
 import math
@@ -21,12 +23,13 @@ import os
 import signal
 import ssl
 import sys
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from signgate.errors import UsageError
+from signgate.errors import PolicyError, UsageError
 from signgate.webhook.app import WebhookApp
 
 if TYPE_CHECKING:
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from signgate.policy import Policy
     from signgate.registry import RegistryOptions
     from signgate.webhook.controller import AdmissionController, ControllerSettings
+    from signgate.webhook.metrics import WebhookMetrics
 
 log = logging.getLogger("signgate.webhook.server")
 
@@ -88,6 +92,94 @@ def _pair_problem(cert_file: Path, key_file: Path, error: OSError) -> str:
     except (ValueError, TypeError):
         return "the key file holds no unencrypted PEM private key"
     return error.strerror or str(error)
+
+
+@dataclass(frozen=True)
+class PolicyFile:
+    """A policy as read from its file, with the SHA-256 of the file (``/metrics`` shows which
+    policy each replica serves) and the file's state before it was read."""
+
+    path: Path
+    policy: Policy
+    sha256: str
+    state: _FileState
+
+
+def read_policy_file(path: Path) -> PolicyFile:
+    """Read and validate the policy at ``path``; raise :class:`PolicyError` naming the line."""
+    from signgate.policy import load_policy
+
+    # Taken before reading: a file replaced while it is read is read again at the next look.
+    state = _file_state(path)
+    policy = load_policy(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot read the policy: {e.strerror or e}") from e
+    return PolicyFile(path, policy, hashlib.sha256(data).hexdigest(), state)
+
+
+class ReloadingPolicy:
+    """The policy file, read again when it changes (a ConfigMap volume swaps its ``..data``
+    link), so that a rotation's "trust both" and "retire OLD" reach a running webhook.
+
+    A new policy is served only once it parses and every key it names has loaded; otherwise
+    the error is logged and the policy in force stays (a broken edit must not open the
+    cluster, and a policy trusting OLD and NEW must not give way to one trusting neither). A
+    policy whose keys failed is tried again at the next look; one that does not parse, once
+    its file changes again.
+    """
+
+    def __init__(
+        self, current: PolicyFile, controller: AdmissionController, metrics: WebhookMetrics
+    ) -> None:
+        self.path = current.path
+        self.sha256 = current.sha256
+        self.last_error: str | None = None
+        self._state = current.state
+        self._controller = controller
+        self._metrics = metrics
+        metrics.policy_in_force(current.sha256)
+
+    async def reload_if_changed(self) -> bool:
+        """True when a new policy is now served."""
+        state = _file_state(self.path)
+        if state == self._state:
+            return False
+        try:
+            new = read_policy_file(self.path)
+        except PolicyError as e:
+            self._state = state
+            return self._kept(e.diagnostics())
+        if new.sha256 == self.sha256:
+            self._state = new.state
+            return False
+        problems = await self._controller.replace_policy(new.policy)
+        if problems:
+            return self._kept("; ".join(problems))
+        self._state = new.state
+        self.sha256 = new.sha256
+        self.last_error = None
+        self._metrics.policy_in_force(new.sha256)
+        log.info(
+            "serving the new policy from %s", self.path,
+            extra={"fields": {"policy_sha256": new.sha256}},
+        )
+        return True
+
+    def _kept(self, reason: str) -> bool:
+        self.last_error = reason
+        log.error("kept the policy in force (sha256 %s): %s", self.sha256, reason)
+        return False
+
+    async def watch(self, interval_seconds: float) -> None:
+        """Look at the file every ``interval_seconds`` until cancelled."""
+        while True:
+            await asyncio.sleep(interval_seconds)
+            try:
+                await self.reload_if_changed()
+            except Exception:
+                log.exception("reloading the policy failed; the policy in force stays")
 
 
 class ReloadingCertificate:
@@ -155,7 +247,7 @@ class ReloadingCertificate:
 class ServeSettings:
     """What ``signgate serve`` was asked to do."""
 
-    policy: Policy
+    policy: PolicyFile
     registry: RegistryOptions
     controller: ControllerSettings
     tls_cert: Path
@@ -163,6 +255,7 @@ class ServeSettings:
     host: str = "0.0.0.0"  # noqa: S104 - a webhook serves the cluster network
     port: int = 8443
     tls_reload_seconds: float = 5.0
+    policy_reload_seconds: float = 5.0
     shutdown_grace_seconds: float = 15.0
     log_level: str = "info"
 
@@ -179,8 +272,9 @@ def serve(settings: ServeSettings) -> None:
     certificate = ReloadingCertificate(settings.tls_cert, settings.tls_key)
     metrics = WebhookMetrics()
     controller = AdmissionController(
-        settings.policy, settings.registry, settings.controller, metrics=metrics
+        settings.policy.policy, settings.registry, settings.controller, metrics=metrics
     )
+    policy = ReloadingPolicy(settings.policy, controller, metrics)
     app = WebhookApp(controller, metrics, readiness=certificate.readiness_problems)
     config = uvicorn.Config(
         app,
@@ -208,7 +302,11 @@ def serve(settings: ServeSettings) -> None:
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(_run(server, controller, certificate, settings.tls_reload_seconds))
+            runner.run(_run(
+                server, controller,
+                certificate.watch(settings.tls_reload_seconds),
+                policy.watch(settings.policy_reload_seconds),
+            ))
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -217,8 +315,7 @@ def serve(settings: ServeSettings) -> None:
 async def _run(
     server: uvicorn.Server,
     controller: AdmissionController,
-    certificate: ReloadingCertificate,
-    reload_seconds: float,
+    *watches: Coroutine[Any, Any, None],
 ) -> None:
     """Serve until ``server`` is told to exit; raise what made the controller fail to start
     (it then stops the server) once the server has stopped."""
@@ -227,13 +324,17 @@ async def _run(
     # The listener opens while the keys load: /healthz answers, /readyz says why not yet.
     starting = asyncio.create_task(controller.start())
     starting.add_done_callback(functools.partial(_stop_unless_started, server))
-    watching = asyncio.create_task(certificate.watch(reload_seconds))
+    # Everything imported and built so far lives as long as the process: out of the collector's
+    # way, every full collection while serving walks only what reviews allocate.
+    gc.freeze()
+    watching = [asyncio.create_task(watch) for watch in watches]
     try:
         await server.serve()
     finally:
         starting.cancel()
-        watching.cancel()
-        outcomes = await asyncio.gather(starting, watching, return_exceptions=True)
+        for task in watching:
+            task.cancel()
+        outcomes = await asyncio.gather(starting, *watching, return_exceptions=True)
         await controller.aclose()
     log.info("signgate webhook stopped")
     if isinstance(outcomes[0], Exception):
@@ -247,8 +348,9 @@ def _stop_unless_started(server: uvicorn.Server, starting: asyncio.Task[None]) -
 
 
 class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the record's ``fields``, and
-    the traceback of an exception."""
+    """One JSON object per line: time, level, logger, message, the record's ``fields``, its
+    ``fields_json`` (members serialised already, as ``"a":1,"b":2``), and the traceback of an
+    exception."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -264,7 +366,11 @@ class JsonLogFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, default=str, separators=(",", ":"))
+        line = json.dumps(entry, default=str, separators=(",", ":"))
+        members = getattr(record, "fields_json", None)
+        if isinstance(members, str) and members:
+            line = f"{line[:-1]},{members}}}"
+        return line
 
 
 def configure_logging(level: str = "info") -> None:
@@ -276,6 +382,12 @@ def configure_logging(level: str = "info") -> None:
         root.removeHandler(existing)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # The JSON lines show none of these record attributes; finding them costs each decision's
+    # log line more than formatting it (https://docs.python.org/3/howto/logging.html#optimization).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     # A line for each registry request would bury the decisions; failures reach the decisions.
     for chatty in ("httpx", "httpcore"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
