@@ -351,7 +351,7 @@ def test_rotate_command_end_to_end(scene: Scene) -> None:
     result = signgate(
         "rotate", "--old-key", str(scene.key("old.pub")), "--new-key", str(scene.key("new.key")),
         "--policy", str(scene.policy), "--journal", str(scene.home / "j"),
-        f"{scene.host}/{scene.prefix}", env=scene.env, cwd=scene.home,
+        "--propagation-delay", "0", f"{scene.host}/{scene.prefix}", env=scene.env, cwd=scene.home,
     )
     summary = json.loads(result.stdout)
     assert summary["finished"]
@@ -443,7 +443,8 @@ def test_rotate_command_killed_mid_phase_resumes(scene: Scene) -> None:
     argv = [
         str(SIGNGATE), "rotate", "--old-key", str(scene.key("old.pub")),
         "--new-key", str(scene.key("new.key")), "--policy", str(scene.policy),
-        "--journal", str(journal), "--concurrency", "1", f"{scene.host}/{scene.prefix}",
+        "--journal", str(journal), "--concurrency", "1", "--propagation-delay", "0",
+        f"{scene.host}/{scene.prefix}",
     ]
     for phase in ("resign", "clean"):
         process = subprocess.Popen(
@@ -470,3 +471,139 @@ def test_rotate_command_killed_mid_phase_resumes(scene: Scene) -> None:
 async def _check_now(scene: Scene) -> None:
     async with RegistryClient(RegistryOptions()) as client:
         await check_every_signed_image_verifies(scene, client)
+
+
+def test_signatures_kept_in_cosign_repository_are_inventoried_and_rotated(
+    registry: Any, cosign_binaries: dict[str, Path], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    prefix = f"rot-sigrepo-{tmp_path.name}".lower()
+    signatures = f"{registry.host}/{prefix}/signatures"  # under the prefix: not an image
+    password = fixed_password(PASSWORD.encode())
+    for name in ("old", "new", "third"):
+        generate_key_pair(tmp_path / name, password)
+    monkeypatch.setenv("COSIGN_REPOSITORY", signatures)
+    env = tool_env(tmp_path, COSIGN_PASSWORD=PASSWORD, COSIGN_REPOSITORY=signatures)
+    old, third = (load_signer(str(tmp_path / f"{n}.key"), password) for n in ("old", "third"))
+    a = Repository(registry.host, f"{prefix}/a")
+    b = Repository(registry.host, f"{prefix}/b")
+
+    async def populate() -> dict[str, tuple[Repository, str]]:
+        async with RegistryClient(RegistryOptions()) as client:
+            async def sign(signer: Any, repo: Repository, digest: str) -> None:
+                await sign_digest(client, signer, ImageReference(repo, digest=digest), digest)
+
+            images = {
+                "tagged": (a, await push_image(client, a, "v1", content=b"a1")),
+                "moved": (a, await push_image(client, a, "moving", content=b"a2")),
+                "unsigned": (a, await push_image(client, a, "v3", content=b"a3")),
+                "third": (b, await push_image(client, b, "v1", content=b"b1")),
+            }
+            await push_image(client, a, "moving", content=b"a2 after")
+            index, children = await push_index(
+                client, b, "multi", content=b"b multi", platforms=PLATFORMS
+            )
+            images |= {"index": (b, index), "child": (b, children[0])}
+            for kind in ("tagged", "moved", "index", "child"):
+                await sign(old, *images[kind])
+            await sign(third, *images["third"])
+            images["by-cosign"] = (b, await push_image(client, b, "v2", content=b"b2"))
+            return images
+
+    images = asyncio.run(populate())
+    # One signed by the real cosign, which honours COSIGN_REPOSITORY too.
+    repository, digest = images["by-cosign"]
+    run([str(cosign_binaries["cosign2"]), "sign", "--key", str(tmp_path / "old.key"),
+         "--tlog-upload=false", "--yes", "--allow-insecure-registry",
+         f"{repository}@{digest}"], env, tmp_path)
+    old_signed = ["tagged", "moved", "index", "child", "by-cosign"]
+
+    keys = ["--key", str(tmp_path / "old.pub"), "--key", str(tmp_path / "third.pub")]
+    listed = signgate("inventory", *keys, "--format", "json", f"{registry.host}/{prefix}",
+                      env=env, cwd=tmp_path)
+    rows = {(r["repository"], r["digest"]): r for r in json.loads(listed.stdout)}
+    assert {r["repository"] for r in rows.values()} == {str(a), str(b)}
+    for kind in old_signed:
+        repository, digest = images[kind]
+        assert rows[(str(repository), digest)]["keys"] == [str(tmp_path / "old.pub")], kind
+    assert rows[(str(a), images["moved"][1])]["tags"] == []  # found by digest in a, not b
+    assert not rows[(str(a), images["unsigned"][1])]["signed"]
+    assert rows[(str(b), images["third"][1])]["keys"] == [str(tmp_path / "third.pub")]
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        f"rules:\n  - name: all\n    images: [\"{registry.host}/{prefix}/**\"]\n"
+        f"    keys: [{tmp_path / 'old.pub'}, {tmp_path / 'third.pub'}]\n"
+    )
+    rotated = signgate(
+        "rotate", "--old-key", str(tmp_path / "old.pub"), "--new-key", str(tmp_path / "new.key"),
+        "--policy", str(policy), "--journal", str(tmp_path / "j"), "--propagation-delay", "0",
+        f"{registry.host}/{prefix}", env=env, cwd=tmp_path,
+    )
+    summary = json.loads(rotated.stdout)
+    assert summary["finished"]
+    assert summary["resigned"] == summary["signatures_removed"] == len(old_signed)
+
+    def cosign_verify(key: str, kind: str) -> int:
+        repository, digest = images[kind]
+        return run([str(cosign_binaries["cosign2"]), "verify", "--key", str(tmp_path / key),
+                    "--insecure-ignore-tlog", "--allow-insecure-registry",
+                    f"{repository}@{digest}"], env, tmp_path, check=False).returncode
+
+    for kind in old_signed:
+        assert cosign_verify("new.pub", kind) == 0, kind
+        assert cosign_verify("old.pub", kind) != 0, kind
+    assert cosign_verify("third.pub", "third") == 0
+
+    async def tags(repository: Repository) -> list[str]:
+        async with RegistryClient(RegistryOptions()) as client:
+            return await client.list_tags(repository)
+
+    # Every signature stayed in COSIGN_REPOSITORY.
+    assert not [t for r in (a, b) for t in asyncio.run(tags(r)) if t.endswith(".sig")]
+    # A resumed run must see the signatures where they were.
+    monkeypatch.delenv("COSIGN_REPOSITORY")
+    del env["COSIGN_REPOSITORY"]
+    refused = signgate("rotate", "--resume", "--journal", str(tmp_path / "j"), env=env,
+                       cwd=tmp_path, check=False)
+    assert refused.returncode == 2
+    assert f"started with COSIGN_REPOSITORY={signatures}" in refused.stderr
+
+
+def test_old_signatures_stay_until_verifiers_have_had_time_to_trust_new(
+    scene: Scene, tmp_path: Path
+) -> None:
+    shown: list[tuple[str, int, int]] = []
+
+    def progress(phase: str, done: int, total: int) -> None:
+        shown.append((phase, done, total))
+        if phase == "verifiers" and done < total:
+            raise InjectedCrash(phase)  # it would wait here: stop the test instead
+
+    async def go(delay: float) -> RotationReport:
+        async with RegistryClient(RegistryOptions()) as client:
+            with Journal(tmp_path / "j") as journal:
+                return await rotate(
+                    client, f"{scene.host}/{scene.prefix}", scene.rotation_keys(), journal,
+                    policy_path=scene.policy, propagation_delay=delay, progress=progress,
+                )
+
+    with pytest.raises(InjectedCrash):
+        asyncio.run(go(3600))
+    assert ("verifiers", 0, 3600) in shown
+    phases = [json.loads(line).get("phase") for line in (tmp_path / "j").read_text().splitlines()]
+    assert "retire" in phases
+    assert "clean" not in phases  # OLD's signatures are all there
+    asyncio.run(_check_now(scene))
+    report = asyncio.run(go(0))
+    assert report.finished
+    phase, done, total = shown[-1]
+    assert (phase, done) == ("clean", total)
+
+
+def test_the_cli_waits_as_long_as_the_library_says() -> None:
+    from signgate.cli.rotation import rotate as command
+    from signgate.rotation.rotate import DEFAULT_PROPAGATION_DELAY
+
+    (delay,) = [p for p in command.params if p.name == "propagation_delay"]
+    assert delay.default == DEFAULT_PROPAGATION_DELAY

@@ -17,6 +17,7 @@ from signgate.rotation.plan import (
     add_key_to_rules,
     remove_key_from_rules,
     replay,
+    unfinished_items,
     work_list,
 )
 
@@ -183,3 +184,102 @@ def test_inventory_formats() -> None:
     csv_lines = format_inventory(inventory, "csv").splitlines()
     assert csv_lines[1] == f"reg.example/a,{digest},v1,,yes,old.pub,1"
     assert '"keys": [\n      "old.pub"\n    ]' in format_inventory(inventory, "json")
+
+
+VERSIONED = """\
+rules:
+  - name: release
+    images: ["reg.example/release/**"]
+    keys: ["hashivault://release"]
+  - name: pinned
+    images: ["reg.example/pinned/**"]
+    keys:
+      - hashivault://release?version=1
+"""
+
+
+def test_a_kms_key_that_stands_for_both_versions_is_neither_added_nor_removed() -> None:
+    # hashivault://release stands for every live version: OLD's (1) and NEW's (2).
+    def trusts_old(ref: str) -> bool:
+        return ref in ("hashivault://release", "hashivault://release?version=1")
+
+    def trusts_new(ref: str) -> bool:
+        return ref == "hashivault://release"
+
+    both, added = add_key_to_rules(
+        VERSIONED, trusts_old, "hashivault://release", trusts_new=trusts_new
+    )
+    assert added == ["pinned"]
+    assert keys_of(both)["release"] == ("hashivault://release",)
+    assert keys_of(both)["pinned"] == ("hashivault://release?version=1", "hashivault://release")
+    retired, removed = remove_key_from_rules(
+        both, trusts_old, "hashivault://release", trusts_new=trusts_new
+    )
+    assert removed == ["pinned"]
+    assert keys_of(retired) == {
+        "release": ("hashivault://release",), "pinned": ("hashivault://release",)
+    }
+
+
+def test_new_named_by_a_version_is_not_added_where_the_whole_key_is_trusted() -> None:
+    # NEW given as ?version=2 while the policy names the key: nothing to add, nothing to remove.
+    def trusts_old(ref: str) -> bool:
+        return ref in ("hashivault://release", "hashivault://release?version=1")
+
+    def trusts_new(ref: str) -> bool:
+        return ref in ("hashivault://release", "hashivault://release?version=2")
+
+    text = VERSIONED.split("  - name: pinned")[0]
+    new_ref = "hashivault://release?version=2"
+    assert add_key_to_rules(text, trusts_old, new_ref, trusts_new=trusts_new) == (text, [])
+    assert remove_key_from_rules(text, trusts_old, new_ref, trusts_new=trusts_new) == (text, [])
+
+
+def test_unfinished_items_are_old_signatures_without_new_beside_them() -> None:
+    d1, d2, d3 = (f"sha256:{c * 64}" for c in "123")
+    entries = [
+        entry("a", d1, SignatureEntry("OLD", {"env": "prod"}), SignatureEntry("NEW")),
+        entry("a", d2, SignatureEntry("OLD"), SignatureEntry("NEW")),
+        entry("b", d3, SignatureEntry("THIRD")),
+    ]
+    assert unfinished_items(entries, "OLD", "NEW") == [
+        WorkItem("reg.example/a", d1, (("env", "prod"),))
+    ]
+    assert unfinished_items(entries[1:], "OLD", "NEW") == []
+
+
+@pytest.mark.parametrize(
+    ("header", "phases"),
+    [
+        ({}, ("plan", "trust", "resign", "retire", "clean")),
+        ({"shard": "0/1"}, ("plan", "trust", "resign", "retire", "clean")),
+        ({"shard": "2/3"}, ("plan", "trust", "resign", "shards", "retire", "clean")),
+        ({"disable_old_key": True}, ("plan", "trust", "resign", "retire", "clean", "retire-key")),
+    ],
+)
+def test_the_phases_a_rotation_has(header: dict[str, object], phases: tuple[str, ...]) -> None:
+    state = replay([{"type": "start", **header}])
+    assert state.phases() == phases
+    finished = replay([
+        {"type": "start", **header}, *({"type": "end", "phase": p} for p in phases[1:]),
+        {"type": "plan", "items": []},
+    ])
+    assert finished.finished
+    assert not replay([{"type": "start", **header}, {"type": "plan", "items": []}]).finished
+
+
+def test_replay_records_the_new_key_and_its_creation() -> None:
+    state = replay([
+        {"type": "start"},
+        {"type": "begin", "phase": "create-key"},
+    ])
+    assert state.new_key_creation_begun
+    assert state.new_key is None
+    state = replay([
+        {"type": "start"},
+        {"type": "begin", "phase": "create-key"},
+        {"type": "new-key", "key_id": "K", "created": True},
+        {"type": "end", "phase": "retire-key", "disabled": "hashivault://k?version=1"},
+    ])
+    assert state.new_key == {"type": "new-key", "key_id": "K", "created": True}
+    assert state.disabled == "hashivault://k?version=1"

@@ -5,10 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
@@ -16,7 +19,10 @@ from signgate.cli.options import RegistryFlags, registry_options, run
 from signgate.errors import UsageError
 
 if TYPE_CHECKING:
-    from signgate.rotation.inventory import DigestEntry, Inventory
+    from click._termui_impl import ProgressBar
+
+    from signgate.rotation.inventory import DigestEntry, Inventory, Progress
+    from signgate.rotation.settings import Shard
 
 
 def _registry_options(registry: RegistryFlags, target: str) -> Any:
@@ -69,6 +75,57 @@ def format_inventory(inventory: Inventory, output: str) -> str:
     return "\n".join(lines) + ("\n" if lines else "")
 
 
+class TerminalProgress:
+    """One progress bar per phase on a terminal (stderr), so that stdout stays the report."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._bar: ProgressBar[int] | None = None
+        self._phase: tuple[str, int] | None = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if self._phase != (phase, total):
+            self.close()
+            self._phase = (phase, total)
+            if total > 0:
+                self._bar = click.progressbar(
+                    length=total, label=f"{phase:<13}", file=self._stream, show_pos=True,
+                )
+                self._bar.__enter__()
+        if self._bar is not None and done > self._bar.pos:
+            self._bar.update(done - self._bar.pos)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.render_finish()
+            self._bar = None
+
+
+@contextmanager
+def terminal_progress() -> Iterator[Progress | None]:
+    """Progress bars when stderr is a terminal; None (nothing drawn) otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    progress = TerminalProgress(sys.stderr)
+    try:
+        yield progress
+    finally:
+        progress.close()
+
+
+def _shard(text: str | None) -> Shard | None:
+    from signgate.rotation.settings import parse_shard
+
+    return None if text is None else parse_shard(text)
+
+
+SHARD_HELP = (
+    "Only shard I of N: the repositories whose name hashes to I (0 <= I < N), so that N "
+    "workers share a registry."
+)
+
+
 @click.command()
 @click.option("--key", "key_refs", multiple=True, help="Public key to name signatures by.")
 @click.option("--repositories", multiple=True, help="Repository glob (repeatable).")
@@ -77,6 +134,7 @@ def format_inventory(inventory: Inventory, output: str) -> str:
     show_default=True,
 )
 @click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--shard", "shard_text", metavar="I/N", default=None, help=SHARD_HELP)
 @registry_options
 @click.argument("target", metavar="REGISTRY[/PREFIX]")
 def inventory(
@@ -84,6 +142,7 @@ def inventory(
     repositories: tuple[str, ...],
     output: str,
     concurrency: int,
+    shard_text: str | None,
     registry: RegistryFlags,
     target: str,
 ) -> None:
@@ -93,16 +152,20 @@ def inventory(
     from signgate.registry import RegistryClient
     from signgate.rotation.inventory import build_inventory
 
+    shard = _shard(shard_text)
     keys = [load_public_key(ref) for ref in key_refs]
     names = {k.key_id: display_key_ref(ref) for k, ref in zip(keys, key_refs, strict=True)}
 
-    async def walk() -> Inventory:
+    async def walk(progress: Progress | None) -> Inventory:
         async with RegistryClient(_registry_options(registry, target)) as client:
             return await build_inventory(
-                client, target, keys, names, repositories, concurrency
+                client, target, keys, names, repositories, concurrency,
+                shard=shard, progress=progress,
             )
 
-    click.echo(format_inventory(run(walk()), output), nl=False)
+    with terminal_progress() as progress:
+        found = run(walk(progress))
+    click.echo(format_inventory(found, output), nl=False)
 
 
 def _policy_ref_for(new_key: str, new_public_key: str | None) -> str:
@@ -114,9 +177,35 @@ def _policy_ref_for(new_key: str, new_public_key: str | None) -> str:
     return new_key
 
 
+def _absolute_key_ref(ref: str | None) -> str | None:
+    """A key file's reference as an absolute path, so that a resumed run finds it from any
+    directory; other references as given."""
+    from signgate.keys.refs import split_key_ref
+
+    if ref is None or split_key_ref(ref)[0]:
+        return ref
+    return os.path.abspath(ref)
+
+
+def _normal_target(target: str | None) -> str | None:
+    from signgate.rotation.inventory import split_target
+
+    if target is None:
+        return None
+    host, prefix = split_target(target)
+    return f"{host}/{prefix}" if prefix else host
+
+
+def _signature_repository() -> str | None:
+    from signgate.reference import Repository
+
+    value = os.environ.get("COSIGN_REPOSITORY")
+    return str(Repository.parse(value)) if value else None
+
+
 @click.command()
-@click.option("--old-key", required=True, help="The key being retired (public or private).")
-@click.option("--new-key", required=True, help="The private key that signs from now on.")
+@click.option("--old-key", default=None, help="The key being retired (public or private).")
+@click.option("--new-key", default=None, help="The private key that signs from now on.")
 @click.option(
     "--new-public-key", default=None,
     help="How the policy names NEW (default: NEW.pub beside NEW.key, or the KMS URI).",
@@ -129,43 +218,86 @@ def _policy_ref_for(new_key: str, new_public_key: str | None) -> str:
     "--journal", "journal_path", type=click.Path(dir_okay=False, path_type=Path),
     help="Where each step is recorded; run the same command again to continue from it.",
 )
-@click.option("--resume", is_flag=True, help="Continue from the journal (the default anyway).")
+@click.option(
+    "--resume", is_flag=True,
+    help="Continue the rotation the journal records; the options it was started with are "
+    "read from the journal.",
+)
 @click.option("--concurrency", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--repositories", multiple=True, help="Repository glob (repeatable).")
+@click.option("--shard", "shard_text", metavar="I/N", default=None, help=SHARD_HELP)
+@click.option(
+    "--shard-wait", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+    help="With --shard: how long to wait for the other shards to re-sign before retiring "
+    "OLD (default: as long as it takes; 0: stop, and continue when run again).",
+)
+@click.option(
+    "--propagation-delay", type=click.FloatRange(min=0), default=360.0, show_default=True,
+    metavar="SECONDS",
+    help="How long the verifiers take to see a policy change or a new KMS key version: "
+    "OLD's signatures are removed no sooner than this after NEW became trusted.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the work list and stop.")
 @click.option("--create-new-key", is_flag=True, help="Create NEW first (KMS or key file).")
+@click.option(
+    "--disable-old-key", is_flag=True,
+    help="Last, disable (never delete) OLD in its KMS.",
+)
 @registry_options
-@click.argument("target", metavar="REGISTRY[/PREFIX]")
+@click.argument("target", metavar="[REGISTRY[/PREFIX]]", required=False)
 def rotate(
-    old_key: str,
-    new_key: str,
+    old_key: str | None,
+    new_key: str | None,
     new_public_key: str | None,
     policy_path: Path | None,
     journal_path: Path | None,
     resume: bool,
     concurrency: int,
     repositories: tuple[str, ...],
+    shard_text: str | None,
+    shard_wait: float | None,
+    propagation_delay: float,
     dry_run: bool,
     create_new_key: bool,
+    disable_old_key: bool,
     registry: RegistryFlags,
-    target: str,
+    target: str | None,
 ) -> None:
     """Re-sign everything OLD signed with NEW, in an order that never refuses an image."""
-    from signgate.keys import load_public_key, load_signer, password_source
-    from signgate.keys.files import generate_key_pair
-    from signgate.keys.refs import create_key, split_key_ref
+    from signgate.keys import load_public_key, password_source
     from signgate.registry import RegistryClient
     from signgate.rotation.journal import Journal
-    from signgate.rotation.rotate import RotationKeys, RotationReport, plan_rotation
+    from signgate.rotation.plan import replay
+    from signgate.rotation.rotate import RotationReport, plan_rotation, prepare_keys
     from signgate.rotation.rotate import rotate as run_rotation
+    from signgate.rotation.settings import (
+        GivenSettings,
+        can_be_disabled,
+        check_key_version_refs,
+        disable_refusal,
+        resolve_settings,
+    )
 
-    old = load_public_key(old_key)
+    shard = _shard(shard_text)
+    if disable_old_key and old_key is not None and not can_be_disabled(old_key):
+        raise UsageError(disable_refusal(old_key))
+    if old_key is not None and new_key is not None:
+        check_key_version_refs(old_key, new_key)
     if dry_run:
-        async def plan() -> list[Any]:
-            async with RegistryClient(_registry_options(registry, target)) as client:
-                return await plan_rotation(client, target, old, repositories, concurrency)
+        if old_key is None or target is None:
+            raise UsageError("rotate --dry-run needs --old-key and REGISTRY[/PREFIX]")
+        old = load_public_key(old_key)
+        scope = target
 
-        items = run(plan())
+        async def plan(progress: Progress | None) -> list[Any]:
+            async with RegistryClient(_registry_options(registry, scope)) as client:
+                return await plan_rotation(
+                    client, scope, old, repositories, concurrency, shard=shard,
+                    progress=progress,
+                )
+
+        with terminal_progress() as progress:
+            items = run(plan(progress))
         for item in items:
             annotations = ",".join(f"{k}={v}" for k, v in item.annotations)
             click.echo(f"{item.repository}@{item.digest}\t{annotations}")
@@ -173,48 +305,67 @@ def rotate(
         return
     if journal_path is None:
         raise UsageError("rotate needs --journal FILE (to resume after a crash)")
-    if policy_path is None:
-        # Without the policy, nothing makes verifiers trust NEW before OLD's signatures go.
-        raise UsageError("rotate needs --policy FILE, the policy the verifiers enforce")
     if resume and not journal_path.exists():
         raise UsageError(f"{journal_path}: no journal to resume")
-    if create_new_key:
-        scheme, _ = split_key_ref(new_key)
-        if scheme:
-            create_key(new_key, password_source(confirm=True))
-        elif new_key.endswith(".key"):
-            if not Path(new_key).exists():  # a resumed run created it already
-                generate_key_pair(new_key[: -len(".key")], password_source(confirm=True))
-        else:
-            raise UsageError("--create-new-key needs a KMS URI or a PREFIX.key file name")
-    signer = load_signer(new_key, password_source(confirm=False))
-    keys = RotationKeys(old, old_key, signer, _policy_ref_for(new_key, new_public_key))
-
+    given = GivenSettings(
+        target=_normal_target(target),
+        old_ref=_absolute_key_ref(old_key),
+        new_ref=_absolute_key_ref(new_key),
+        new_policy_ref=(
+            _policy_ref_for(new_key, new_public_key) if new_key else new_public_key
+        ),
+        policy=None if policy_path is None else str(policy_path.resolve()),
+        shard=shard,
+        repositories=repositories,
+        signature_repository=_signature_repository(),
+        create_new_key=create_new_key,
+        disable_old_key=disable_old_key,
+    )
     retried: list[int | str] = []
 
     def observe(status: int | str) -> None:
         if status == 429 or (isinstance(status, int) and status in (502, 503, 504)):
             retried.append(status)
 
-    options = replace(_registry_options(registry, target), on_response=observe)
+    with Journal(journal_path) as journal:
+        if resume and not journal.records:
+            raise UsageError(f"{journal_path}: no rotation to resume")
+        settings = resolve_settings(replay(journal.records).header, given, str(journal_path))
+        options = replace(_registry_options(registry, settings.target), on_response=observe)
 
-    async def rotate_all() -> RotationReport:
-        with Journal(journal_path) as journal:
+        async def rotate_all(progress: Progress | None) -> RotationReport:
+            keys = await prepare_keys(
+                journal, settings, password_source(confirm=False),
+                password_source(confirm=True),
+            )
             async with RegistryClient(options) as client:
                 return await run_rotation(
-                    client, target, keys, journal, policy_path=policy_path,
-                    repositories=repositories, concurrency=concurrency,
+                    client, settings.target, keys, journal,
+                    policy_path=Path(settings.policy), repositories=settings.repositories,
+                    concurrency=concurrency, shard=settings.shard,
+                    disable_old_key=settings.disable_old_key, shard_wait=shard_wait,
+                    propagation_delay=propagation_delay, progress=progress,
                 )
 
-    report = run(rotate_all())
+        with terminal_progress() as progress:
+            report = run(rotate_all(progress))
     report.retried_responses = len(retried)
     click.echo(json.dumps(report.summary(), indent=2))
     for subject, reason in report.failed.items():
         click.echo(f"signgate: {subject}: {reason}", err=True)
-    if not report.finished:
+    if report.waiting_for_shards:
+        click.echo(
+            f"signgate: shard {settings.shard} has re-signed its share; "
+            f"{len(report.waiting_for_shards)} repositories of other shards still carry "
+            "signatures by OLD alone, so OLD stays trusted; run the same command again "
+            "once those shards have re-signed",
+            err=True,
+        )
+    elif not report.finished:
         click.echo(
             "signgate: rotation stopped; fix the failures and run the same command again "
             "to continue from the journal",
             err=True,
         )
+    if not report.finished:
         sys.exit(1)

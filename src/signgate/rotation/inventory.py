@@ -10,19 +10,28 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from signgate.errors import Denied, NotFound, Unauthorized, UsageError
 from signgate.keys.model import PublicKey
 from signgate.reference import Repository
 from signgate.registry import INDEX_MEDIA_TYPES, RegistryClient
-from signgate.signatures.store import fetch_payload, read_signature_image
+from signgate.rotation.settings import Shard
+from signgate.signatures.store import fetch_payload, read_signature_image, signature_repository
 from signgate.signatures.verify import check_signature, predictable_payloads
 
 _SIGNATURE_TAG = re.compile(r"^sha256-([0-9a-f]{64})\.sig$")
 # Other cosign artifacts (attestations, SBOMs, cosign 3's referrers fallback) are not images.
 _ARTIFACT_TAG = re.compile(r"^sha256-[0-9a-f]{64}(\.[a-z]+)?$")
+
+INVENTORY = "inventory"
+Progress = Callable[[str, int, int], None]
+"""Told (phase, done, total) as work advances: the CLI draws a progress bar on a terminal."""
+
+
+def no_progress(phase: str, done: int, total: int) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -108,23 +117,31 @@ async def list_repositories(
     return select_repositories(names, prefix, globs)
 
 
-async def inventory_repository(
-    client: RegistryClient,
-    repository: Repository,
-    keys: Sequence[PublicKey],
-    limit: asyncio.Semaphore,
-) -> list[DigestEntry]:
-    """Every digest of one repository with its tags and signatures."""
+@dataclass
+class _RepositoryDigests:
+    """What a repository's tags show: tagged digests, index children, signature tags."""
+
+    repository: Repository
+    tagged: dict[str, list[str]] = field(default_factory=dict)
+    parents: dict[str, list[str]] = field(default_factory=dict)
+    signed: set[str] = field(default_factory=set)
+
+    @property
+    def images(self) -> set[str]:
+        return set(self.tagged) | set(self.parents)
+
+
+async def _read_tags(
+    client: RegistryClient, repository: Repository, limit: asyncio.Semaphore
+) -> _RepositoryDigests:
     async with limit:
         tags = await client.list_tags(repository)
-    tagged: dict[str, list[str]] = {}
-    parents: dict[str, list[str]] = {}
-    signature_digests: set[str] = set()
+    found = _RepositoryDigests(repository)
     image_tags = []
     for tag in tags:
         match = _SIGNATURE_TAG.match(tag)
         if match:
-            signature_digests.add(f"sha256:{match.group(1)}")
+            found.signed.add(f"sha256:{match.group(1)}")
         elif not _ARTIFACT_TAG.match(tag):
             image_tags.append(tag)
 
@@ -134,35 +151,64 @@ async def inventory_repository(
                 manifest = await client.get_manifest(repository, tag)
             except NotFound:
                 return  # deleted while we walked
-        tagged.setdefault(manifest.digest, []).append(tag)
+        found.tagged.setdefault(manifest.digest, []).append(tag)
         if manifest.media_type in INDEX_MEDIA_TYPES:
             for child in manifest.json().get("manifests", []):
                 if isinstance(child, dict) and isinstance(child.get("digest"), str):
-                    parents.setdefault(child["digest"], []).append(manifest.digest)
+                    found.parents.setdefault(child["digest"], []).append(manifest.digest)
 
     await asyncio.gather(*(resolve(tag) for tag in image_tags))
-    digests = sorted(set(tagged) | set(parents) | signature_digests)
+    return found
+
+
+async def _entries(
+    client: RegistryClient,
+    found: _RepositoryDigests,
+    signature_repo: Repository,
+    keys: Sequence[PublicKey],
+    limit: asyncio.Semaphore,
+) -> list[DigestEntry]:
+    """One entry per digest of the repository, its signatures read from ``signature_repo``."""
 
     async def one(digest: str) -> DigestEntry:
         signatures: tuple[SignatureEntry, ...] = ()
-        if digest in signature_digests:
+        if digest in found.signed:
             async with limit:
-                signatures = await _signatures(client, repository, digest, keys)
+                signatures = await _signatures(
+                    client, found.repository, signature_repo, digest, keys
+                )
         return DigestEntry(
-            repository,
+            found.repository,
             digest,
-            tuple(sorted(tagged.get(digest, []))),
-            tuple(sorted(set(parents.get(digest, [])))),
+            tuple(sorted(found.tagged.get(digest, []))),
+            tuple(sorted(set(found.parents.get(digest, [])))),
             signatures,
         )
 
+    digests = sorted(found.images | found.signed)
     return list(await asyncio.gather(*(one(d) for d in digests)))
 
 
+async def inventory_repository(
+    client: RegistryClient,
+    repository: Repository,
+    keys: Sequence[PublicKey],
+    limit: asyncio.Semaphore,
+) -> list[DigestEntry]:
+    """Every digest of one repository with its tags and signatures, the signatures beside it
+    (its ``sha256-HEX.sig`` tags name the digests no tag points to any more)."""
+    found = await _read_tags(client, repository, limit)
+    return await _entries(client, found, repository, keys, limit)
+
+
 async def _signatures(
-    client: RegistryClient, repository: Repository, digest: str, keys: Sequence[PublicKey]
+    client: RegistryClient,
+    repository: Repository,
+    signature_repo: Repository,
+    digest: str,
+    keys: Sequence[PublicKey],
 ) -> tuple[SignatureEntry, ...]:
-    image = await read_signature_image(client, repository, digest)
+    image = await read_signature_image(client, signature_repo, digest)
     if image is None:
         return ()
     known = predictable_payloads(repository, digest, {})
@@ -172,7 +218,7 @@ async def _signatures(
             continue
         payload = known.get(layer.digest)
         if payload is None:
-            payload = await fetch_payload(client, repository, layer)
+            payload = await fetch_payload(client, signature_repo, layer)
         check = check_signature(layer, payload, keys, digest, {})
         annotations: dict[str, str] = {}
         if check.payload is not None:
@@ -182,6 +228,54 @@ async def _signatures(
     return tuple(found)
 
 
+def shared_signature_repository(registry: str) -> Repository | None:
+    """The repository that holds every image's signatures when ``COSIGN_REPOSITORY`` is set
+    (as sign and verify use it); None when signatures live beside each image."""
+    probe = Repository(registry, "")
+    found = signature_repository(probe)
+    return None if found == probe else found
+
+
+async def _shared_inventory(
+    client: RegistryClient,
+    repositories: Sequence[Repository],
+    signature_repo: Repository,
+    keys: Sequence[PublicKey],
+    limit: asyncio.Semaphore,
+    progress: Progress,
+) -> list[DigestEntry]:
+    """The inventory when one repository holds all signatures: its signature tags do not say
+    which repository an image is in, so a signed digest no tag points to is looked for in
+    each repository."""
+    try:
+        async with limit:
+            tags = await client.list_tags(signature_repo)
+    except NotFound:
+        tags = []
+    signed = {f"sha256:{m.group(1)}" for m in map(_SIGNATURE_TAG.match, tags) if m}
+    walked = await asyncio.gather(*(_read_tags(client, r, limit) for r in repositories))
+    orphans = signed - set().union(*(found.images for found in walked))
+
+    async def look_for(found: _RepositoryDigests, digest: str) -> None:
+        async with limit:
+            if await client.head_manifest(found.repository, digest) is not None:
+                found.tagged.setdefault(digest, [])
+
+    await asyncio.gather(*(look_for(found, d) for found in walked for d in sorted(orphans)))
+    done = 0
+
+    async def entries(found: _RepositoryDigests) -> list[DigestEntry]:
+        nonlocal done
+        found.signed = found.images & signed
+        result = await _entries(client, found, signature_repo, keys, limit)
+        done += 1
+        progress(INVENTORY, done, len(repositories))
+        return result
+
+    per_repository = await asyncio.gather(*(entries(found) for found in walked))
+    return [entry for group in per_repository for entry in group]
+
+
 async def build_inventory(
     client: RegistryClient,
     target: str,
@@ -189,15 +283,38 @@ async def build_inventory(
     key_names: Mapping[str, str] | None = None,
     repositories: Sequence[str] = (),
     concurrency: int = 8,
+    *,
+    shard: Shard | None = None,
+    progress: Progress | None = None,
 ) -> Inventory:
-    """Walk ``REGISTRY[/PREFIX]`` with at most ``concurrency`` requests in flight."""
+    """Walk ``REGISTRY[/PREFIX]`` (with ``shard``, only that shard's repositories) with at most
+    ``concurrency`` requests in flight."""
     if concurrency < 1:
         raise UsageError("--concurrency must be at least 1")
+    report = progress or no_progress
     registry, prefix = split_target(target)
     names = await list_repositories(client, registry, prefix, repositories)
+    if shard is not None:
+        names = [name for name in names if shard.holds(name)]
+    signature_repo = shared_signature_repository(registry)
+    if signature_repo is not None:
+        # It holds signatures of other repositories' images, not images of its own.
+        names = [n for n in names if Repository(registry, n) != signature_repo]
     limit = asyncio.Semaphore(concurrency)
-    per_repository = await asyncio.gather(
-        *(inventory_repository(client, Repository(registry, n), keys, limit) for n in names)
-    )
+    report(INVENTORY, 0, len(names))
+    chosen = [Repository(registry, n) for n in names]
+    if signature_repo is not None:
+        shared = await _shared_inventory(client, chosen, signature_repo, keys, limit, report)
+        return Inventory(registry, tuple(shared), dict(key_names or {}))
+    done = 0
+
+    async def walk(repository: Repository) -> list[DigestEntry]:
+        nonlocal done
+        result = await inventory_repository(client, repository, keys, limit)
+        done += 1
+        report(INVENTORY, done, len(chosen))
+        return result
+
+    per_repository = await asyncio.gather(*(walk(r) for r in chosen))
     entries = tuple(entry for group in per_repository for entry in group)
     return Inventory(registry, entries, dict(key_names or {}))

@@ -4,14 +4,18 @@ The phases run in this order, and each starts only when the one before it is com
 
 1. ``plan``: the digests OLD signed become the work list (recorded, so a resumed run works on
    the same list even after OLD's signatures are gone).
-2. ``trust``: NEW is added beside OLD in every policy rule that trusts OLD.
+2. ``trust``: NEW is added beside OLD in every policy rule that trusts OLD (unless the rule
+   already trusts NEW: a KMS key reference that stands for all its versions, OLD's and NEW's).
 3. ``resign``: every work item gets a signature by NEW next to OLD's.
-4. ``retire``: OLD is removed from the policy rules.
-5. ``clean``: OLD's signatures are removed.
+4. ``shards`` (with ``--shard``): wait until every other shard has re-signed its share.
+5. ``retire``: OLD is removed from the policy rules (never a reference that trusts NEW too).
+6. ``clean``: OLD's signatures are removed.
+7. ``retire-key`` (with ``--disable-old-key``): OLD is disabled in its KMS.
 
 At every moment each image OLD had signed carries a signature the policy in force accepts:
 before ``trust`` ends only OLD's signatures exist; until ``retire`` both keys are trusted;
-``clean`` starts only once every image carries NEW's signature and OLD is no longer trusted.
+``retire`` waits until every image (of every shard) carries NEW's signature; ``clean`` starts
+only once OLD is no longer trusted.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import yaml
 
 from signgate.errors import PolicyError
 from signgate.policy import parse_policy
-from signgate.rotation.inventory import Inventory
+from signgate.rotation.inventory import DigestEntry, Inventory
+from signgate.rotation.settings import parse_shard
 
-PHASES = ("plan", "trust", "resign", "retire", "clean")
+PHASES = ("plan", "trust", "resign", "shards", "retire", "clean", "retire-key")
 
 
 @dataclass(frozen=True, order=True)
@@ -63,6 +68,16 @@ def work_list(inventory: Inventory, old_key_id: str) -> list[WorkItem]:
     return sorted(items)
 
 
+def unfinished_items(
+    entries: Iterable[DigestEntry], old_key_id: str, new_key_id: str
+) -> list[WorkItem]:
+    """The signatures by OLD that have no signature by NEW with the same annotations beside
+    them: what a shard still has to re-sign."""
+    wanted = work_list(Inventory("", tuple(entries)), old_key_id)
+    done = set(work_list(Inventory("", tuple(entries)), new_key_id))
+    return [item for item in wanted if item not in done]
+
+
 @dataclass
 class RotationState:
     """What the journal says has happened."""
@@ -73,10 +88,23 @@ class RotationState:
     resigned: set[str] = field(default_factory=set)
     cleaned: set[str] = field(default_factory=set)
     removed: int = 0
+    new_key: dict[str, Any] | None = None
+    new_key_creation_begun: bool = False
+    disabled: str | None = None
+
+    def phases(self) -> tuple[str, ...]:
+        """The phases this rotation has: ``shards`` only with several shards, ``retire-key``
+        only with ``--disable-old-key``."""
+        header = self.header or {}
+        sharded = bool(header.get("shard")) and parse_shard(str(header["shard"])).count > 1
+        return tuple(
+            p for p in PHASES
+            if (p != "shards" or sharded) and (p != "retire-key" or header.get("disable_old_key"))
+        )
 
     def next_phase(self) -> str | None:
         """The first phase not yet complete; None when the rotation is finished."""
-        return next((p for p in PHASES if p not in self.completed), None)
+        return next((p for p in self.phases() if p not in self.completed), None)
 
     @property
     def finished(self) -> bool:
@@ -93,8 +121,14 @@ def replay(records: Iterable[Mapping[str, Any]]) -> RotationState:
         elif kind == "plan":
             state.plan = tuple(WorkItem.from_json(v) for v in record["items"])
             state.completed.add("plan")
+        elif kind == "begin" and record.get("phase") == "create-key":
+            state.new_key_creation_begun = True
+        elif kind == "new-key":
+            state.new_key = dict(record)
         elif kind == "end":
             state.completed.add(str(record["phase"]))
+            if record.get("phase") == "retire-key":
+                state.disabled = str(record.get("disabled", ""))
         elif kind == "item" and record.get("phase") == "resign":
             state.resigned.add(str(record["id"]))
         elif kind == "item" and record.get("phase") == "clean":
@@ -169,17 +203,30 @@ def _apply(text: str, edits: list[tuple[int, int, str]]) -> str:
     return text
 
 
+KeyTest = Callable[[str], bool]
+
+
 def add_key_to_rules(
-    text: str, trusts_old: Callable[[str], bool], new_ref: str, source: str = "policy"
+    text: str,
+    trusts_old: KeyTest,
+    new_ref: str,
+    source: str = "policy",
+    trusts_new: KeyTest | None = None,
 ) -> tuple[str, list[str]]:
-    """``text`` with ``new_ref`` listed after OLD in every rule that trusts OLD and lacks it;
-    the names of the rules changed. Everything else (comments, order, quoting) is kept."""
+    """``text`` with ``new_ref`` listed after OLD in every rule that trusts OLD and not yet
+    NEW; the names of the rules changed. Everything else (comments, order, quoting) is kept.
+
+    ``trusts_new`` says whether a reference stands for NEW (by default: it is ``new_ref``); a
+    KMS key reference without a version stands for OLD's version and NEW's at once, and a rule
+    that lists it needs nothing added.
+    """
+    is_new = trusts_new or new_ref.__eq__
     edits: list[tuple[int, int, str]] = []
     changed: list[str] = []
     for name, keys in _key_sequences(text, source):
         refs = [str(item.value) for item in keys.value]
         old_items = [item for item in keys.value if trusts_old(str(item.value))]
-        if not old_items or new_ref in refs:
+        if not old_items or new_ref in refs or any(is_new(r) for r in refs):
             continue
         anchor = old_items[-1]
         if keys.flow_style:
@@ -193,27 +240,39 @@ def add_key_to_rules(
         changed.append(name)
     result = _apply(text, edits)
     _check_edit(
-        result, source, lambda keys: new_ref in keys or not any(trusts_old(k) for k in keys)
+        result, source,
+        lambda keys: any(is_new(k) for k in keys) or not any(trusts_old(k) for k in keys),
     )
     return result, changed
 
 
 def remove_key_from_rules(
-    text: str, trusts_old: Callable[[str], bool], new_ref: str, source: str = "policy"
+    text: str,
+    trusts_old: KeyTest,
+    new_ref: str,
+    source: str = "policy",
+    trusts_new: KeyTest | None = None,
 ) -> tuple[str, list[str]]:
-    """``text`` without OLD in the rules that also list ``new_ref``; the rules changed.
+    """``text`` without OLD in the rules that also trust NEW; the rules changed.
 
-    A rule that trusts OLD but not NEW keeps OLD: removing it could refuse an image.
+    A rule that trusts OLD but not NEW keeps OLD: removing it could refuse an image. A
+    reference that stands for NEW as well as OLD (a KMS key with both versions) is never
+    removed: that would remove NEW too; OLD's version is retired in the KMS instead.
     """
+    is_new = trusts_new or new_ref.__eq__
+
+    def only_old(ref: str) -> bool:
+        return trusts_old(ref) and not is_new(ref) and ref != new_ref
+
     edits: list[tuple[int, int, str]] = []
     changed: list[str] = []
     for name, keys in _key_sequences(text, source):
         refs = [str(item.value) for item in keys.value]
-        if new_ref not in refs:
+        if not any(is_new(r) for r in refs):
             continue
         removed = False
         for item in keys.value:
-            if not trusts_old(str(item.value)) or str(item.value) == new_ref:
+            if not only_old(str(item.value)):
                 continue
             removed = True
             start, end = item.start_mark.index, item.end_mark.index
@@ -235,7 +294,8 @@ def remove_key_from_rules(
             changed.append(name)
     result = _apply(text, edits)
     _check_edit(
-        result, source, lambda keys: new_ref not in keys or not any(trusts_old(k) for k in keys)
+        result, source,
+        lambda keys: not any(is_new(k) for k in keys) or not any(only_old(k) for k in keys),
     )
     return result, changed
 
