@@ -25,6 +25,7 @@ import httpx
 import pytest
 from cryptography import x509
 
+from signgate.keys import load_public_key
 from signgate.registry import RegistryClient, RegistryOptions
 from signgate.registry.images import push_image
 from tests.integration.apiserver_standin import (
@@ -672,6 +673,12 @@ def policy_in_force(apiserver: ApiServerStandIn) -> str | None:
     return found[0] if found else None
 
 
+def trusted_keys(apiserver: ApiServerStandIn) -> set[str]:
+    """The key ids ``/metrics`` says some rule verifies with."""
+    return set(re.findall(r'^signgate_trusted_key_info\{key_id="([0-9a-f]{64})"\} 1\.0$',
+                          apiserver.get("/metrics").text, re.MULTILINE))
+
+
 def test_the_policy_file_is_reloaded_when_it_changes(world: World, tmp_path: Path) -> None:
     """As a rotation changes it: trust another key too, then only that key. A policy that does
     not parse, or names a key that does not load, is logged and the policy in force kept."""
@@ -684,6 +691,9 @@ def test_the_policy_file_is_reloaded_when_it_changes(world: World, tmp_path: Pat
                          world.ca.cert_file, "--policy-reload-interval", "0.1") as webhook, \
             webhook.standin() as apiserver:
         assert policy_in_force(apiserver) == only_other
+        other_id = load_public_key(str(other_key)).key_id
+        our_id = load_public_key(str(world.home / "cosign.pub")).key_id
+        assert trusted_keys(apiserver) == {other_id}
         assert not apiserver.validate(pod(world.app)).allowed
         assert apiserver.validate(pod(world.foreign)).allowed
 
@@ -693,6 +703,7 @@ def test_the_policy_file_is_reloaded_when_it_changes(world: World, tmp_path: Pat
             f"    keys: [{other_key}, {world.home / 'cosign.pub'}]\n"
         )
         wait_until(lambda: policy_in_force(apiserver) == both, "the new policy", webhook)
+        assert trusted_keys(apiserver) == {other_id, our_id}
         assert apiserver.validate(pod(world.app)).allowed
         assert apiserver.validate(pod(world.foreign)).allowed
 
@@ -718,6 +729,7 @@ def test_the_policy_file_is_reloaded_when_it_changes(world: World, tmp_path: Pat
         late_key.write_bytes(other_key.read_bytes())
         wait_until(lambda: policy_in_force(apiserver) == only_late, "the late key's policy",
                    webhook)
+        assert trusted_keys(apiserver) == {other_id}
         assert not apiserver.validate(pod(world.app)).allowed
         assert apiserver.validate(pod(world.foreign)).allowed
         assert apiserver.get("/readyz").status_code == 200

@@ -412,7 +412,7 @@ class AdmissionController:
         not take a serving webhook out of rotation. A key never loaded keeps its rule unready.
         """
         await self._load_keys(self.policy.key_references())
-        self._rule_keys = self._keys_of_rules(self.policy)
+        self._trust(self._keys_of_rules(self.policy))
 
     async def replace_policy(self, policy: Policy) -> list[str]:
         """Serve ``policy`` from the next review on, once every key it names has loaded; the
@@ -430,9 +430,14 @@ class AdmissionController:
                 for ref, reason in problems.items()
             ]
         # One step, no await between: every review sees the old policy and keys or the new.
-        self._rule_keys = self._keys_of_rules(policy)
+        self._trust(self._keys_of_rules(policy))
         self.policy = policy
         return []
+
+    def _trust(self, rule_keys: dict[str, _RuleKeys]) -> None:
+        self._rule_keys = rule_keys
+        if self._metrics is not None:
+            self._metrics.trusted_keys({k for rule in rule_keys.values() for k in rule.fingerprint})
 
     async def _load_keys(self, refs: Sequence[str]) -> dict[str, str]:
         """Load ``refs`` into the key table; why each that failed did (its old value stays)."""

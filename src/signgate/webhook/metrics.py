@@ -80,6 +80,14 @@ class WebhookMetrics:
             registry=self.registry,
         )
         self._policy_sha256: str | None = None
+        self._trusted = Gauge(
+            "signgate_trusted_key_info",
+            "1 for each key (id: SHA-256 of its public key DER) some rule verifies with now: a "
+            "key rotation waits until every replica trusts NEW, and no longer OLD.",
+            ["key_id"],
+            registry=self.registry,
+        )
+        self._trusted_ids: set[str] = set()
 
         # labels() hashes and locks on every call; a review counts several times, so each
         # labelled child is looked up once and kept.
@@ -102,6 +110,13 @@ class WebhookMetrics:
         self._policy.labels(sha256).set(1)
         self._policy_sha256 = sha256
         self._policy_loaded.set_to_current_time()
+
+    def trusted_keys(self, key_ids: set[str]) -> None:
+        for gone in self._trusted_ids - key_ids:
+            self._trusted.remove(gone)
+        for key_id in key_ids - self._trusted_ids:
+            self._trusted.labels(key_id).set(1)
+        self._trusted_ids = set(key_ids)
 
     def cache(self, name: str, hit: bool) -> None:
         self._child(self._cache, name, "hit" if hit else "miss").inc()
