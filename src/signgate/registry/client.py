@@ -12,6 +12,8 @@ is trusted. Spec: https://github.com/opencontainers/distribution-spec/blob/main/
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import ipaddress
 import json
@@ -23,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.to_thread
 import httpx
+
+# httpx's own reading of the proxy environment, as its trust_env does it (see _network_mounts)
+from httpx._utils import URLPattern, get_environment_proxies
 
 from signgate import __version__
 from signgate.digests import compute_digest, parse_digest
@@ -48,14 +51,14 @@ from signgate.registry.errors import (
     tls_protocol_error,
 )
 from signgate.registry.mediatypes import MANIFEST_ACCEPT, OCI_INDEX
+from signgate.registry.transport import StreamTransport
 
 USER_AGENT = f"signgate/{__version__}"
 MAX_CONNECTIONS = 100
-# How many images the commands work on at once over one client. httpcore 1.0's pool bookkeeping
-# grows with the number of connections in flight (encode/httpcore#1035): past about a dozen the
-# client spends more CPU on the pool than on requests, and a local registry gets slower, not
-# faster (benchmarks/verify_bench.py). Eight concurrent images still hide a remote registry's
-# round trips eight times over.
+# How many images the commands work on at once over one client. Against a registry on the same
+# machine, 16 or 32 were no faster than 8 (benchmarks/verify_bench.py): the registry's CPU is the
+# limit there. Eight concurrent images still hide a remote registry's round trips eight times
+# over.
 IMAGE_CONCURRENCY = 8
 MAX_KEEPALIVE_CONNECTIONS = 20
 KEEPALIVE_SECONDS = 30.0
@@ -195,6 +198,29 @@ def _load_trust(context: ssl.SSLContext, ca_bundle: Path | None) -> None:
             raise UsageError(f"cannot load the CA bundle {ca_bundle}: {one_line(str(e))}") from e
 
 
+def _tls_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+@functools.cache
+def _unverified_tls_context() -> ssl.SSLContext:
+    context = _tls_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _stream_transport(tls_context: Callable[[], ssl.SSLContext]) -> StreamTransport:
+    return StreamTransport(
+        tls_context,
+        max_connections=MAX_CONNECTIONS,
+        max_idle_connections=MAX_KEEPALIVE_CONNECTIONS,
+        idle_seconds=KEEPALIVE_SECONDS,
+    )
+
+
 def _media_type(content_type: str | None, raw: bytes) -> str:
     declared = (content_type or "").split(";")[0].strip()
     if declared in MANIFEST_ACCEPT:
@@ -234,34 +260,55 @@ class RegistryClient:
             h.strip().lower().removeprefix("https://").removeprefix("http://").rstrip("/")
             for h in self.options.insecure_registries
         )
+        self._tls: ssl.SSLContext | None = None  # see _verified_tls
+        transport = self.options.transport
+        mounts: dict[str, httpx.AsyncBaseTransport | None] = {}
+        if transport is None:
+            transport = _stream_transport(self._verified_tls)
+            mounts = self._network_mounts()
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(self.options.timeout_seconds),
+            headers={"User-Agent": USER_AGENT},
+            transport=transport,
+            mounts=mounts,
+        )
+        self._auth_cache = AuthCache()
+        self._origins: dict[str, str] = {}
+        self._origin_locks: dict[str, asyncio.Lock] = {}
+        self._credentials: dict[str, LoginCredentials | None] = {}
+
+    def _network_mounts(self) -> dict[str, httpx.AsyncBaseTransport | None]:
+        """The transports for proxied origins and insecure hosts (None: the client's own).
+
+        httpx reads HTTP(S)_PROXY, ALL_PROXY and NO_PROXY only when it builds its transport
+        itself; read here as it reads them, a proxied origin goes through httpx's transport
+        and the proxy. Insecure hosts get TLS without verification, proxied or not.
+        """
         limits = httpx.Limits(
             max_connections=MAX_CONNECTIONS,
             max_keepalive_connections=MAX_KEEPALIVE_CONNECTIONS,
             keepalive_expiry=KEEPALIVE_SECONDS,
         )
-        mounts: dict[str, httpx.AsyncBaseTransport | None] | None = None
-        if self.options.transport is None:
-            mounts = {
-                f"https://{host}": httpx.AsyncHTTPTransport(verify=False, limits=limits)
-                for host in self._insecure
-            }
-        # Trust is loaded into this context only before the first HTTPS request (see
-        # _load_trust): a run against a plain-HTTP loopback registry never pays for it.
-        self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        self._tls.minimum_version = ssl.TLSVersion.TLSv1_2
-        self._trust_loaded = False
-        self._http = httpx.AsyncClient(
-            verify=self._tls,
-            limits=limits,
-            timeout=httpx.Timeout(self.options.timeout_seconds),
-            headers={"User-Agent": USER_AGENT},
-            transport=self.options.transport,
-            mounts=mounts,
-        )
-        self._auth_cache = AuthCache()
-        self._origins: dict[str, str] = {}
-        self._origin_locks: dict[str, anyio.Lock] = {}
-        self._credentials: dict[str, LoginCredentials | None] = {}
+        proxies = sorted(get_environment_proxies().items(), key=lambda item: URLPattern(item[0]))
+        mounts: dict[str, httpx.AsyncBaseTransport | None] = {
+            pattern: None
+            if proxy is None
+            else httpx.AsyncHTTPTransport(verify=self._verified_tls(), limits=limits, proxy=proxy)
+            for pattern, proxy in proxies
+        }
+        unverified: StreamTransport | None = None
+        for host in self._insecure:
+            url = httpx.URL(f"https://{host}/")
+            proxy = next((p for pattern, p in proxies if URLPattern(pattern).matches(url)), None)
+            if proxy is not None:
+                transport: httpx.AsyncBaseTransport = httpx.AsyncHTTPTransport(
+                    verify=False, limits=limits, proxy=proxy
+                )
+            else:
+                unverified = unverified or _stream_transport(_unverified_tls_context)
+                transport = unverified
+            mounts[f"https://{host}"] = transport
+        return mounts
 
     async def __aenter__(self) -> RegistryClient:
         return self
@@ -640,19 +687,23 @@ class RegistryClient:
         if known is not None:
             return known
         if not (self._is_insecure(registry) or is_loopback(registry)):
-            self._load_trust()
+            self._verified_tls()  # a CA bundle that cannot be read fails here, before a request
             self._origins[registry] = f"https://{registry}"
             return self._origins[registry]
-        lock = self._origin_locks.setdefault(registry, anyio.Lock())
+        lock = self._origin_locks.setdefault(registry, asyncio.Lock())
         async with lock:
             if registry not in self._origins:
                 self._origins[registry] = await self._probe_origin(registry)
         return self._origins[registry]
 
-    def _load_trust(self) -> None:
-        if not self._trust_loaded:
-            _load_trust(self._tls, self.options.ca_bundle)
-            self._trust_loaded = True
+    def _verified_tls(self) -> ssl.SSLContext:
+        """The context of verified TLS connections (registries, token servers, redirects),
+        made on first use: a run against a plain-HTTP loopback registry never pays for it."""
+        if self._tls is None:
+            context = _tls_context()
+            _load_trust(context, self.options.ca_bundle)
+            self._tls = context
+        return self._tls
 
     async def _probe_origin(self, registry: str) -> str:
         if not self._is_insecure(registry):
@@ -670,7 +721,7 @@ class RegistryClient:
             else:
                 if not (response.status_code == 400 and b"HTTPS" in response.content):
                     return f"http://{registry}"
-            self._load_trust()
+            self._verified_tls()
             return f"https://{registry}"
         try:
             response = await self._http.get(f"https://{registry}/v2/")
@@ -688,7 +739,7 @@ class RegistryClient:
         if self.options.username is not None:
             return Credentials(self.options.username, self.options.password or "")
         if registry not in self._credentials:
-            self._credentials[registry] = await anyio.to_thread.run_sync(
+            self._credentials[registry] = await asyncio.to_thread(
                 lookup_credentials, registry, self.options.docker_config_dir
             )
         return self._credentials[registry]
@@ -741,7 +792,7 @@ class RegistryClient:
                 self._observe("error")
                 reset = idempotent and isinstance(e, _CONNECTION_RESETS)
                 if reset and attempt < self.options.max_retries:
-                    await anyio.sleep(self.options.retry_backoff_seconds * 2**attempt)
+                    await asyncio.sleep(self.options.retry_backoff_seconds * 2**attempt)
                     attempt += 1
                     continue
                 raise error_for_transport(e, registry) from e
@@ -753,7 +804,7 @@ class RegistryClient:
             if retryable and attempt < self.options.max_retries:
                 wait = self._retry_wait(response, attempt)
                 await response.aclose()
-                await anyio.sleep(wait)
+                await asyncio.sleep(wait)
                 attempt += 1
                 continue
             try:
