@@ -24,9 +24,10 @@ from signgate.digests import compute_digest, parse_digest
 from signgate.errors import VerificationError
 from signgate.keys.model import PublicKey
 from signgate.registry.mediatypes import OCI_MANIFEST
+from signgate.signatures.formats import BUNDLE_MEDIA_TYPE
 from signgate.signatures.payload import go_json
 
-BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+__all__ = ["BUNDLE_MEDIA_TYPE"]  # re-exported: defined beside the formats, without this module
 # Older bundle versions a verifier may meet; cosign 3 writes v0.3.
 BUNDLE_MEDIA_TYPES = frozenset(
     {

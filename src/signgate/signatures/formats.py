@@ -16,6 +16,8 @@ class SignatureFormat(StrEnum):
 
 
 SIGNATURE_FORMATS: tuple[SignatureFormat, ...] = tuple(SignatureFormat)
+# The bundle's own media type (and the referring manifest's artifactType), as cosign 3 writes it.
+BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 # What cosign 3 writes by default, and so what `signgate sign` and the library write.
 DEFAULT_SIGN_FORMAT = SignatureFormat.BUNDLE
 

@@ -6,18 +6,25 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from signgate.digests import compute_digest
 from signgate.errors import Error, VerificationError
 from signgate.keys.model import PublicKey
 from signgate.reference import ImageReference, Repository
 from signgate.registry import IMAGE_CONCURRENCY, RegistryClient
-from signgate.signatures.bundle import BUNDLE_MEDIA_TYPE, check_bundle
-from signgate.signatures.formats import SIGNATURE_FORMATS, SignatureFormat, describe_formats
+from signgate.signatures.formats import (
+    BUNDLE_MEDIA_TYPE,
+    SIGNATURE_FORMATS,
+    SignatureFormat,
+    describe_formats,
+)
 from signgate.signatures.layout import SIMPLE_SIGNING_MEDIA_TYPE, SignatureLayer
 from signgate.signatures.payload import SimpleSigningPayload, build_payload, parse_payload
-from signgate.signatures.referrers import BundleArtifact, read_bundles
 from signgate.signatures.store import fetch_payload, read_signature_image, signature_repository
+
+if TYPE_CHECKING:
+    from signgate.signatures.referrers import BundleArtifact
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,9 @@ async def _verify_digest(
     # without the referrers API) when every key already verified a classic signature.
     if SignatureFormat.BUNDLE in formats and not {k.key_id for k in keys} <= verified_keys:
         try:
+            # Imported here: a run that meets only classic signatures never loads them.
+            from signgate.signatures.referrers import read_bundles
+
             bundles = await read_bundles(client, repository, digest)
         except Error as e:
             if not checks:
@@ -247,6 +257,8 @@ def bundle_signature_check(
                            len(artifact.bundle))
     if artifact.problem is not None:
         return SignatureCheck(layer, reason=artifact.problem)
+    from signgate.signatures.bundle import check_bundle
+
     result = check_bundle(layer.digest, artifact.bundle, keys, digest, required_annotations)
     payload = None
     if result.statement is not None:
