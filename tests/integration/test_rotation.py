@@ -603,7 +603,9 @@ def test_old_signatures_stay_until_verifiers_have_had_time_to_trust_new(
 
 def test_the_cli_waits_as_long_as_the_library_says() -> None:
     from signgate.cli.rotation import rotate as command
-    from signgate.rotation.rotate import DEFAULT_PROPAGATION_DELAY
+    from signgate.rotation.rotate import DEFAULT_PROPAGATION_DELAY, default_propagation_delay
 
     (delay,) = [p for p in command.params if p.name == "propagation_delay"]
-    assert delay.default == DEFAULT_PROPAGATION_DELAY
+    assert delay.default is None  # the library's default, which depends on --verifier
+    assert default_propagation_delay(()) == DEFAULT_PROPAGATION_DELAY
+    assert default_propagation_delay(["https://webhook.example/metrics"]) == 0

@@ -12,11 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import ssl
+import subprocess
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from signgate.errors import UsageError
@@ -32,9 +37,14 @@ from signgate.rotation.settings import RotationSettings
 from signgate.signatures.sign import sign_digest
 from signgate.signatures.verify import verify_image
 from tests.integration.openbao_server import OpenBaoServer, running_openbao
-from tests.integration.registry_servers import RunningRegistry
+from tests.integration.registry_servers import (
+    RunningRegistry,
+    free_port,
+    issue_server_certificate,
+    make_test_ca,
+)
 from tests.integration.test_rotation import InjectedCrash
-from tests.integration.tools import run, signgate, tool_env, tool_path
+from tests.integration.tools import SIGNGATE, run, signgate, tool_env, tool_path
 
 pytestmark = pytest.mark.integration
 
@@ -348,18 +358,121 @@ def test_rotation_to_a_new_version_of_the_key_leaves_the_policy_and_retires_the_
     assert resume_with_the_cli(scene)["resigned"] == 0
 
 
-def test_disable_old_key_is_refused_at_once_for_a_key_file(tmp_path: Path) -> None:
+def test_disable_old_key_is_refused_at_once_for_a_key_that_cannot_be_disabled(
+    tmp_path: Path,
+) -> None:
+    """Before anything runs: no journal, no KMS or registry asked (neither is reachable)."""
     generate_key_pair(tmp_path / "old", fixed_password(PASSWORD.encode()))
-    env = tool_env(tmp_path, COSIGN_PASSWORD=PASSWORD, OLD_KEY="unused")
-    for old in (str(tmp_path / "old.pub"), "env://OLD_KEY"):
+    env = tool_env(tmp_path, COSIGN_PASSWORD=PASSWORD, OLD_KEY="unused",
+                   VAULT_ADDR="http://127.0.0.1:9", VAULT_TOKEN="unused")
+    key_file = str(tmp_path / "old.pub")
+    refusals = {
+        key_file: f"{key_file}: a key file cannot be disabled",
+        "env://OLD_KEY": "env://OLD_KEY: a key in an environment variable cannot be disabled",
+        "k8s://signgate/release": "k8s://signgate/release: k8s:// keys cannot be disabled: "
+                                  "their store has no disabled state",
+        "hashivault://release": "hashivault://release: Transit cannot disable a whole key, only "
+                                "retire its older versions; name the version to retire",
+    }
+    for old, reason in refusals.items():
         refused = signgate(
             "rotate", "--old-key", old, "--new-key", "hashivault://new", "--disable-old-key",
             "--policy", str(tmp_path / "policy.yaml"), "--journal", str(tmp_path / "j"),
             "127.0.0.1:9/unreachable", env=env, cwd=tmp_path, check=False,
         )
-        assert refused.returncode == 2
-        assert refused.stderr == (
-            f"signgate: --disable-old-key: {old} is not in a KMS, so it cannot be disabled; "
-            "drop the option (and delete the old key yourself once the rotation ends)\n"
-        )
+        assert refused.returncode == 2, old
+        assert refused.stderr.startswith(f"signgate: --disable-old-key: {reason}"), old
+        assert refused.stderr.endswith("; drop the option\n"), old
+        assert len(refused.stderr.splitlines()) == 1
         assert not (tmp_path / "j").exists()
+
+
+@dataclass(frozen=True)
+class Webhook:
+    url: str
+    ca_file: Path
+
+    @property
+    def metrics(self) -> str:
+        return f"{self.url}/metrics"
+
+    def get(self, path: str) -> httpx.Response:
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        with httpx.Client(verify=context, timeout=5) as client:
+            return client.get(self.url + path)
+
+    def trusted_key_ids(self) -> set[str]:
+        from signgate.rotation.verifiers import trusted_key_ids
+
+        return trusted_key_ids(self.get("/metrics").text)
+
+
+@contextmanager
+def webhook_reading_transit(scene: Scene, key_refresh: str) -> Iterator[Webhook]:
+    """A real `signgate serve` enforcing the scene's policy, with OpenBao's credentials: it
+    loads the Transit key's live versions again every ``key_refresh`` seconds."""
+    ca = make_test_ca(scene.home / "pki")
+    certificate = issue_server_certificate(ca, scene.home / "pki")
+    port = free_port()
+    log = (scene.home / "webhook.log").open("wb")
+    process = subprocess.Popen(
+        [str(SIGNGATE), "serve", "--policy", str(scene.policy), "--tls-cert",
+         str(certificate.cert_file), "--tls-key", str(certificate.key_file), "--host",
+         "127.0.0.1", "--port", str(port), "--key-refresh", key_refresh],
+        env=scene.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    )
+    webhook = Webhook(f"https://127.0.0.1:{port}", ca.cert_file)
+    try:
+        give_up = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, (scene.home / "webhook.log").read_text()[-2000:]
+            try:
+                if webhook.get("/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < give_up, "signgate serve did not become ready"
+            time.sleep(0.05)
+        yield webhook
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_a_key_version_rotation_waits_for_the_webhook_to_load_the_new_version(
+    registry: RunningRegistry, openbao: OpenBaoServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The policy never changes: the run waits until the webhook has loaded NEW's version, and
+    does not wait for OLD's to go before clean (OLD's version is trusted until step 7)."""
+    name = f"release-{secrets.token_hex(4)}"
+    openbao.create_transit_key("transit", name, "ecdsa-p256")
+    key_ref = f"hashivault://{name}"
+    scene = make_scene(registry, openbao, tmp_path, key_ref, key_ref, monkeypatch)
+    version_1 = scene.transit_public_key(name, 1).key_id
+    with webhook_reading_transit(scene, key_refresh="0.5") as webhook:
+        assert webhook.trusted_key_ids() == {version_1}
+        result = scene.signgate(
+            "rotate", "--old-key", f"{key_ref}?version=1", "--new-key", key_ref,
+            "--create-new-key", "--disable-old-key", "--policy", str(scene.policy),
+            "--journal", str(scene.journal), "--verifier", webhook.metrics,
+            "--verifier-cacert", str(webhook.ca_file), scene.target,
+        )
+        summary = json.loads(result.stdout)
+        assert summary["finished"]
+        version_2 = scene.transit_public_key(name, 2).key_id
+        ends = {r["phase"]: r for r in journal_records(scene, "end")}
+        assert "confirm-new" in ends
+        assert "skipped" not in ends["confirm-new"]
+        assert "stands for NEW's key version too" in ends["confirm-old"]["skipped"]
+        # No propagation delay was waited for: NEW was confirmed instead.
+        phases = [r["phase"] for r in journal_records(scene, "end")]
+        assert phases.index("confirm-new") < phases.index("resign") < phases.index("clean")
+        assert phases[-1] == "retire-key"
+        # Once OLD's version is retired, the webhook drops it at its next key refresh.
+        give_up = time.monotonic() + 60
+        while webhook.trusted_key_ids() != {version_2}:
+            assert time.monotonic() < give_up, webhook.trusted_key_ids()
+            time.sleep(0.1)
+    check_every_signed_image_verifies(scene)

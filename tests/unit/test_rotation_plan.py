@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from signgate.errors import PolicyError
@@ -20,6 +22,9 @@ from signgate.rotation.plan import (
     unfinished_items,
     work_list,
 )
+from signgate.signatures.formats import SignatureFormat
+
+BUNDLE = SignatureFormat.BUNDLE
 
 POLICY = """\
 # the production policy
@@ -134,6 +139,36 @@ def test_work_list_is_every_signature_by_old_with_its_annotations() -> None:
     ]
 
 
+def test_work_items_record_the_formats_old_signed_in() -> None:
+    d1, d2, d3 = (f"sha256:{c * 64}" for c in "123")
+    inventory = Inventory(
+        "reg.example",
+        (
+            entry("a", d1, SignatureEntry("OLD", format=BUNDLE), SignatureEntry("OLD")),
+            entry("a", d2, SignatureEntry("OLD", {"env": "prod"}, BUNDLE),
+                  SignatureEntry("OLD", {"env": "dev"})),
+            entry("a", d3, SignatureEntry("OLD", format=BUNDLE), SignatureEntry("THIRD")),
+        ),
+    )
+    assert work_list(inventory, "OLD") == [
+        WorkItem("reg.example/a", d1, (), ("classic", "bundle")),
+        WorkItem("reg.example/a", d2, (("env", "dev"),), ("classic",)),
+        WorkItem("reg.example/a", d2, (("env", "prod"),), ("bundle",)),
+        WorkItem("reg.example/a", d3, (), ("bundle",)),
+    ]
+
+
+def test_a_journal_item_without_formats_is_classic() -> None:
+    digest = "sha256:" + "1" * 64
+    written_before_bundles = ["reg.example/a", digest, [["k", "v"]]]
+    item = WorkItem.from_json(written_before_bundles)
+    assert item == WorkItem("reg.example/a", digest, (("k", "v"),), ("classic",))
+    both = WorkItem("reg.example/a", digest, (("k", "v"),), ("classic", "bundle"))
+    assert WorkItem.from_json(json.loads(json.dumps(both.to_json()))) == both
+    # The id a journal's item records: the same as before formats were recorded.
+    assert both.item_id == item.item_id == json.dumps(written_before_bundles)
+
+
 def test_replay_follows_the_journal() -> None:
     item = WorkItem("reg.example/a", "sha256:" + "1" * 64, (("k", "v"),))
     assert WorkItem.from_json(item.to_json()) == item
@@ -179,11 +214,39 @@ def test_inventory_formats() -> None:
         {"k1": "old.pub"},
     )
     table = format_inventory(inventory, "table").splitlines()
-    assert table[0] == f"reg.example/a@{digest}\tv1\tsigned\told.pub (+1 by other keys)"
+    assert table[0] == f"reg.example/a@{digest}\tv1\tsigned\told.pub [classic] (+1 by other keys)"
     assert table[1].endswith("\t(no tag)\tunsigned\t-")
     csv_lines = format_inventory(inventory, "csv").splitlines()
-    assert csv_lines[1] == f"reg.example/a,{digest},v1,,yes,old.pub,1"
-    assert '"keys": [\n      "old.pub"\n    ]' in format_inventory(inventory, "json")
+    assert csv_lines[0] == "repository,digest,tags,index,signed,keys,formats,unknown"
+    assert csv_lines[1] == f"reg.example/a,{digest},v1,,yes,old.pub,old.pub=classic,1"
+    rows = json.loads(format_inventory(inventory, "json"))
+    assert rows[0]["keys"] == ["old.pub"]
+    assert rows[0]["formats"] == {"old.pub": ["classic"]}
+    assert rows[0]["unknown_formats"] == ["classic"]
+
+
+def test_inventory_marks_the_formats_of_each_key() -> None:
+    from signgate.cli.rotation import format_inventory
+
+    digest = "sha256:" + "1" * 64
+    signatures = (
+        SignatureEntry("k2", format=BUNDLE), SignatureEntry("k1"),
+        SignatureEntry("k1", format=BUNDLE), SignatureEntry(None, format=BUNDLE),
+    )
+    inventory = Inventory(
+        "reg.example",
+        (DigestEntry(Repository("reg.example", "a"), digest, (), (), signatures),),
+        {"k1": "old.pub", "k2": "new.pub"},
+    )
+    (line,) = format_inventory(inventory, "table").splitlines()
+    assert line.endswith(
+        "\t(no tag)\tsigned\tnew.pub [bundle], old.pub [classic+bundle] (+1 by other keys)"
+    )
+    (row,) = json.loads(format_inventory(inventory, "json"))
+    assert row["formats"] == {"new.pub": ["bundle"], "old.pub": ["classic", "bundle"]}
+    assert row["unknown_formats"] == ["bundle"]
+    csv_row = format_inventory(inventory, "csv").splitlines()[1]
+    assert csv_row.endswith(",new.pub old.pub,new.pub=bundle old.pub=classic+bundle,1")
 
 
 VERSIONED = """\
@@ -246,6 +309,23 @@ def test_unfinished_items_are_old_signatures_without_new_beside_them() -> None:
         WorkItem("reg.example/a", d1, (("env", "prod"),))
     ]
     assert unfinished_items(entries[1:], "OLD", "NEW") == []
+
+
+def test_an_item_is_unfinished_until_new_signed_in_each_of_olds_formats() -> None:
+    d1 = "sha256:" + "1" * 64
+    old_both = (SignatureEntry("OLD"), SignatureEntry("OLD", format=BUNDLE))
+    assert unfinished_items([entry("a", d1, *old_both, SignatureEntry("NEW"))], "OLD", "NEW") == [
+        WorkItem("reg.example/a", d1, (), ("classic", "bundle"))
+    ]
+    assert unfinished_items(
+        [entry("a", d1, *old_both, SignatureEntry("NEW", format=BUNDLE), SignatureEntry("NEW"))],
+        "OLD", "NEW",
+    ) == []
+    # NEW in the other format only does not count.
+    assert unfinished_items(
+        [entry("a", d1, SignatureEntry("OLD", format=BUNDLE), SignatureEntry("NEW"))],
+        "OLD", "NEW",
+    ) == [WorkItem("reg.example/a", d1, (), ("bundle",))]
 
 
 @pytest.mark.parametrize(

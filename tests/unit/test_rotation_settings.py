@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from signgate.errors import UsageError
+from signgate.keys.refs import can_disable
 from signgate.rotation.settings import (
     GivenSettings,
     RotationSettings,
@@ -154,6 +155,75 @@ def test_cosign_repository_must_stay_as_it_was() -> None:
         resolve_settings(SETTINGS.header(), GivenSettings(signature_repository="r.x/s"), "j")
 
 
+@pytest.mark.parametrize(
+    "old_ref",
+    [
+        "hashivault://release?version=3",
+        "openbao://release?version=1",
+        "awskms:///alias/release",
+        "gcpkms://projects/p/locations/l/keyRings/r/cryptoKeys/k",
+        "azurekms://vault.example/key/0123abcd",
+        "pkcs11:token=t;object=o",
+    ],
+)
+def test_disable_old_key_is_accepted_where_the_kms_can_disable(old_ref: str) -> None:
+    given = GivenSettings(target="r.example", old_ref=old_ref, new_ref="n.key",
+                          new_policy_ref="n.pub", policy="/p", disable_old_key=True)
+    assert resolve_settings(None, given, "j").disable_old_key
+
+
+@pytest.mark.parametrize(
+    ("ref", "reason"),
+    [
+        ("hashivault://release?version=3", None),
+        ("awskms:///alias/release", None),
+        ("pkcs11:token=t;object=o", None),
+        ("hashivault://release", "hashivault://release: Transit cannot disable a whole key"),
+        ("openbao://release?version=x", "the only query a Transit key reference takes"),
+        ("k8s://ns/release", "k8s://ns/release: k8s:// keys cannot be disabled"),
+        ("/keys/old.pub", "/keys/old.pub: a key file cannot be disabled"),
+        ("env://OLD", "env://OLD: a key in an environment variable cannot be disabled"),
+        ("pkcs11:token=t;object=o?pin-value=1234&module-path=/m.so&x=", None),
+        ("nope://k", "unknown key reference scheme nope://"),
+    ],
+)
+def test_what_can_be_disabled_is_told_by_the_reference_alone(
+    ref: str, reason: str | None
+) -> None:
+    found = can_disable(ref)
+    if reason is None:
+        assert found is None
+    else:
+        assert found is not None
+        assert found.startswith(reason) or reason in found
+        assert "1234" not in found
+
+
+def test_verifiers_and_the_hook_come_from_the_journal_unless_given_again() -> None:
+    settings = RotationSettings(
+        **{**SETTINGS.__dict__, "verifiers": ("https://w.example/metrics",),
+           "verifier_cacert": "/ca.pem", "policy_hook": "deliver", "propagation_delay": 0.0}
+    )
+    header = settings.header()
+    assert resolve_settings(header, GivenSettings(), "j") == settings
+    assert resolve_settings(header, GivenSettings(propagation_delay=60.0), "j") == (
+        RotationSettings(**{**settings.__dict__, "propagation_delay": 60.0}))
+    changed = GivenSettings(
+        verifiers=("https://w2.example/metrics", "http://127.0.0.1:8443/metrics",
+                   "https://w2.example/metrics"),
+        policy_hook="deliver again",
+    )
+    resumed = resolve_settings(header, changed, "j")
+    assert resumed.verifiers == ("https://w2.example/metrics", "http://127.0.0.1:8443/metrics")
+    assert resumed.policy_hook == "deliver again"
+    assert resumed.verifier_cacert == "/ca.pem"
+    # A journal written before these options: none.
+    old_header = {k: v for k, v in SETTINGS.header().items()
+                  if k not in ("verifiers", "verifier_cacert", "policy_hook",
+                               "propagation_delay")}
+    assert resolve_settings(old_header, GivenSettings(), "j") == SETTINGS
+
+
 def test_a_secret_in_a_reference_is_not_journalled() -> None:
     pkcs11 = "pkcs11:token=t;object=o?module-path=/m.so&pin-value=1234"
     settings = RotationSettings(**{**SETTINGS.__dict__, "new_ref": pkcs11})
@@ -173,10 +243,22 @@ def test_a_secret_in_a_reference_is_not_journalled() -> None:
                        new_policy_ref="n.pub"), "rotate needs --policy"),
         (GivenSettings(target="r.example", old_ref="/o.pub", new_ref="hashivault://n",
                        new_policy_ref="hashivault://n", policy="/p", disable_old_key=True),
-         "--disable-old-key: /o.pub is not in a KMS"),
+         "--disable-old-key: /o.pub: a key file cannot be disabled"),
         (GivenSettings(target="r.example", old_ref="env://OLD", new_ref="hashivault://n",
                        new_policy_ref="hashivault://n", policy="/p", disable_old_key=True),
          "cannot be disabled"),
+        (GivenSettings(target="r.example", old_ref="k8s://ns/old", new_ref="hashivault://n",
+                       new_policy_ref="hashivault://n", policy="/p", disable_old_key=True),
+         "k8s:// keys cannot be disabled: their store has no disabled state"),
+        (GivenSettings(target="r.example", old_ref="hashivault://old", new_ref="hashivault://n",
+                       new_policy_ref="hashivault://n", policy="/p", disable_old_key=True),
+         "Transit cannot disable a whole key"),
+        (GivenSettings(target="r.example", old_ref="/o.pub", new_ref="n.key",
+                       new_policy_ref="n.pub", policy="/p", verifiers=("http://webhook:9/m",)),
+         "plain http only to a loopback address"),
+        (GivenSettings(target="r.example", old_ref="/o.pub", new_ref="n.key",
+                       new_policy_ref="n.pub", policy="/p", verifiers=("ftp://w/metrics",)),
+         "want the webhook's metrics URL"),
         (GivenSettings(target="r.example", old_ref="hashivault://k", new_ref="hashivault://k",
                        new_policy_ref="hashivault://k", policy="/p"), "name OLD's version"),
         (GivenSettings(target="r.example", old_ref="/o.pub", new_ref="hashivault://n",

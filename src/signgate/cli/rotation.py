@@ -38,6 +38,7 @@ def _key_label(key_id: str, names: dict[str, str]) -> str:
 
 
 def _row(entry: DigestEntry, names: dict[str, str]) -> dict[str, Any]:
+    formats = entry.formats()
     return {
         "repository": str(entry.repository),
         "digest": entry.digest,
@@ -45,8 +46,17 @@ def _row(entry: DigestEntry, names: dict[str, str]) -> dict[str, Any]:
         "index": list(entry.parents),
         "signed": entry.signed,
         "keys": [_key_label(k, names) for k in entry.key_ids],
+        # Per key: the formats of its signatures (classic: a .sig image; bundle: cosign 3's).
+        "formats": {
+            _key_label(k, names): [str(f) for f in formats[k]] for k in entry.key_ids
+        },
         "unknown_signatures": entry.unknown_signatures,
+        "unknown_formats": [str(f) for f in formats.get(None, ())],
     }
+
+
+def _key_with_formats(key: str, formats: list[str]) -> str:
+    return f"{key} [{'+'.join(formats)}]"
 
 
 def format_inventory(inventory: Inventory, output: str) -> str:
@@ -57,16 +67,20 @@ def format_inventory(inventory: Inventory, output: str) -> str:
     if output == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["repository", "digest", "tags", "index", "signed", "keys", "unknown"])
+        writer.writerow(
+            ["repository", "digest", "tags", "index", "signed", "keys", "formats", "unknown"]
+        )
         for r in rows:
             writer.writerow([
                 r["repository"], r["digest"], " ".join(r["tags"]), " ".join(r["index"]),
-                "yes" if r["signed"] else "no", " ".join(r["keys"]), r["unknown_signatures"],
+                "yes" if r["signed"] else "no", " ".join(r["keys"]),
+                " ".join(f"{k}={'+'.join(f)}" for k, f in r["formats"].items()),
+                r["unknown_signatures"],
             ])
         return buffer.getvalue()
     lines = []
     for r in rows:
-        keys = ", ".join(r["keys"]) or "-"
+        keys = ", ".join(_key_with_formats(k, f) for k, f in r["formats"].items()) or "-"
         if r["unknown_signatures"]:
             keys += f" (+{r['unknown_signatures']} by other keys)"
         signed = "signed" if r["signed"] else "unsigned"
@@ -232,10 +246,32 @@ def _signature_repository() -> str | None:
     "OLD (default: as long as it takes; 0: stop, and continue when run again).",
 )
 @click.option(
-    "--propagation-delay", type=click.FloatRange(min=0), default=360.0, show_default=True,
-    metavar="SECONDS",
+    "--propagation-delay", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
     help="How long the verifiers take to see a policy change or a new KMS key version: "
-    "OLD's signatures are removed no sooner than this after NEW became trusted.",
+    "OLD's signatures are removed no sooner than this after NEW became trusted (default: "
+    "0 with --verifier, which confirms instead, else 360; a resumed run keeps the first "
+    "run's).",
+)
+@click.option(
+    "--verifier", "verifiers", multiple=True, metavar="URL",
+    help="A webhook replica's metrics URL (https, or http on loopback; repeatable): the run "
+    "waits until each trusts NEW before re-signing, and no longer trusts OLD before clean.",
+)
+@click.option(
+    "--verifier-cacert", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None, metavar="FILE", help="CA certificate (PEM) of the verifiers' TLS.",
+)
+@click.option(
+    "--verifier-wait", type=click.FloatRange(min=0), default=900.0, show_default=True,
+    metavar="SECONDS",
+    help="How long to wait for the verifiers to confirm; then the run stops (exit 1), and "
+    "the same command continues it.",
+)
+@click.option(
+    "--policy-hook", default=None, metavar="CMD",
+    help="Shell command run after each policy edit (trust NEW, retire OLD) with "
+    "SIGNGATE_POLICY set to the policy file: delivers it to the verifiers, e.g. kubectl "
+    "apply of their ConfigMap. Its failure stops the run; it runs again on resume.",
 )
 @click.option("--dry-run", is_flag=True, help="Print the work list and stop.")
 @click.option("--create-new-key", is_flag=True, help="Create NEW first (KMS or key file).")
@@ -256,7 +292,11 @@ def rotate(
     repositories: tuple[str, ...],
     shard_text: str | None,
     shard_wait: float | None,
-    propagation_delay: float,
+    propagation_delay: float | None,
+    verifiers: tuple[str, ...],
+    verifier_cacert: Path | None,
+    verifier_wait: float,
+    policy_hook: str | None,
     dry_run: bool,
     create_new_key: bool,
     disable_old_key: bool,
@@ -268,19 +308,25 @@ def rotate(
     from signgate.registry import RegistryClient
     from signgate.rotation.journal import Journal
     from signgate.rotation.plan import replay
-    from signgate.rotation.rotate import RotationReport, plan_rotation, prepare_keys
+    from signgate.rotation.rotate import (
+        RotationReport,
+        default_propagation_delay,
+        plan_rotation,
+        prepare_keys,
+    )
     from signgate.rotation.rotate import rotate as run_rotation
     from signgate.rotation.settings import (
         GivenSettings,
-        can_be_disabled,
+        check_disable_old_key,
         check_key_version_refs,
-        disable_refusal,
         resolve_settings,
     )
+    from signgate.rotation.verifiers import Verifiers, verifier_urls
 
     shard = _shard(shard_text)
-    if disable_old_key and old_key is not None and not can_be_disabled(old_key):
-        raise UsageError(disable_refusal(old_key))
+    verifier_urls(verifiers)
+    if old_key is not None:
+        check_disable_old_key(old_key, disable_old_key)
     if old_key is not None and new_key is not None:
         check_key_version_refs(old_key, new_key)
     if dry_run:
@@ -300,7 +346,8 @@ def rotate(
             items = run(plan(progress))
         for item in items:
             annotations = ",".join(f"{k}={v}" for k, v in item.annotations)
-            click.echo(f"{item.repository}@{item.digest}\t{annotations}")
+            formats = "+".join(item.formats)
+            click.echo(f"{item.repository}@{item.digest}\t{formats}\t{annotations}")
         click.echo(f"{len(items)} signatures by OLD to re-sign", err=True)
         return
     if journal_path is None:
@@ -320,6 +367,10 @@ def rotate(
         signature_repository=_signature_repository(),
         create_new_key=create_new_key,
         disable_old_key=disable_old_key,
+        verifiers=verifiers,
+        verifier_cacert=None if verifier_cacert is None else str(verifier_cacert.resolve()),
+        policy_hook=policy_hook,
+        propagation_delay=propagation_delay,
     )
     retried: list[int | str] = []
 
@@ -332,6 +383,14 @@ def rotate(
             raise UsageError(f"{journal_path}: no rotation to resume")
         settings = resolve_settings(replay(journal.records).header, given, str(journal_path))
         options = replace(_registry_options(registry, settings.target), on_response=observe)
+        cacert = settings.verifier_cacert
+        confirming = Verifiers(
+            settings.verifiers, None if cacert is None else Path(cacert), verifier_wait
+        )
+        delay = (
+            default_propagation_delay(settings.verifiers) if settings.propagation_delay is None
+            else settings.propagation_delay
+        )
 
         async def rotate_all(progress: Progress | None) -> RotationReport:
             keys = await prepare_keys(
@@ -344,7 +403,8 @@ def rotate(
                     policy_path=Path(settings.policy), repositories=settings.repositories,
                     concurrency=concurrency, shard=settings.shard,
                     disable_old_key=settings.disable_old_key, shard_wait=shard_wait,
-                    propagation_delay=propagation_delay, progress=progress,
+                    propagation_delay=delay, progress=progress, verifiers=confirming,
+                    policy_hook=settings.policy_hook,
                 )
 
         with terminal_progress() as progress:

@@ -69,6 +69,15 @@ class KeyDisabler(Protocol):
 
 
 @runtime_checkable
+class DisableCheck(Protocol):
+    """A :class:`KeyDisabler` that can tell, from the reference alone, that it would refuse."""
+
+    def can_disable(self, location: str) -> str | None:
+        """Why ``disable_key(location)`` would be refused, or None; no request to the KMS."""
+        ...
+
+
+@runtime_checkable
 class KeyVersioner(Protocol):
     """A backend whose keys have versions and can be given a new one."""
 
@@ -200,13 +209,25 @@ def disable_key(ref: str) -> str:
     """
     backend, location = _backend_for(ref)
     if not isinstance(backend, KeyDisabler):
-        raise _refusal(
-            ref,
-            "cannot be disabled; stop using it and delete it yourself once no verifier trusts it",
-            "cannot be disabled: their store has no disabled state; delete the key yourself "
-            "once no verifier trusts it",
-        )
+        raise _cannot_disable(ref)
     return display_key_ref(backend.disable_key(location))
+
+
+def can_disable(ref: str) -> str | None:
+    """Why :func:`disable_key` cannot disable ``ref`` (one line, without secrets), or None when
+    it can, as far as the reference tells: nothing is asked of the KMS, so that a command can
+    refuse the option before it does anything. A Transit reference must name a version (which
+    must be older than the key's latest when it is disabled, as a key-version rotation makes
+    it); Kubernetes Secrets, key files and ``env://`` keys cannot be disabled."""
+    try:
+        backend, location = _backend_for(ref)
+    except KeyMaterialError as e:
+        return e.diagnostics()
+    if not isinstance(backend, KeyDisabler):
+        return _cannot_disable(ref).diagnostics()
+    if isinstance(backend, DisableCheck):
+        return backend.can_disable(location)
+    return None
 
 
 def add_key_version(ref: str) -> PublicKey:
@@ -229,6 +250,15 @@ def add_key_version(ref: str) -> PublicKey:
 
 
 _KEPT_IN = {"": "file", "env": "in an environment variable"}
+
+
+def _cannot_disable(ref: str) -> KeyMaterialError:
+    return _refusal(
+        ref,
+        "cannot be disabled; stop using it and delete it yourself once no verifier trusts it",
+        "cannot be disabled: their store has no disabled state; delete the key yourself "
+        "once no verifier trusts it",
+    )
 
 
 def _refusal(ref: str, key_cannot: str, kms_keys_cannot: str) -> KeyMaterialError:

@@ -1,1 +1,2 @@
-"""Key rotation across a registry: inventory, plan, journal, and the rotation itself."""
+"""Key rotation across a registry: inventory, plan, journal, settings, the policy hook, the
+verifiers' confirmations, and the rotation itself."""

@@ -1,8 +1,11 @@
-"""Inventory of a registry: every digest, its tags, and which keys signed it.
+"""Inventory of a registry: every digest, its tags, and which keys signed it, in which format.
 
-Walks the catalog, each repository's tags, the children of multi-platform indexes, and every
-signature tag (``sha256-HEX.sig``), so that digests no tag points to any more are found too:
-an image deployed by digest must stay verifiable through a rotation.
+Walks the catalog, each repository's tags, the children of multi-platform indexes, every
+classic signature tag (``sha256-HEX.sig``) and every fallback index of cosign 3's bundles
+(``sha256-HEX``), so that digests no tag points to any more are found too: an image deployed by
+digest must stay verifiable through a rotation. On a registry with the referrers API, bundles
+are looked up for every digest found; a digest that nothing but the referrers API knows (no tag,
+no ``.sig``, no fallback index) cannot be found, since no endpoint lists it.
 """
 
 from __future__ import annotations
@@ -13,17 +16,24 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from signgate.errors import Denied, NotFound, Unauthorized, UsageError
+from signgate.errors import Denied, NotFound, RegistryError, Unauthorized, UsageError
 from signgate.keys.model import PublicKey
 from signgate.reference import Repository
 from signgate.registry import INDEX_MEDIA_TYPES, RegistryClient
 from signgate.rotation.settings import Shard
+from signgate.signatures.bundle import check_bundle
+from signgate.signatures.formats import SignatureFormat
+from signgate.signatures.referrers import read_bundles
 from signgate.signatures.store import fetch_payload, read_signature_image, signature_repository
 from signgate.signatures.verify import check_signature, predictable_payloads
 
 _SIGNATURE_TAG = re.compile(r"^sha256-([0-9a-f]{64})\.sig$")
-# Other cosign artifacts (attestations, SBOMs, cosign 3's referrers fallback) are not images.
+# cosign 3's referrers fallback index: it names the digest its bundles refer to.
+_FALLBACK_INDEX_TAG = re.compile(r"^sha256-([0-9a-f]{64})$")
+# Other cosign artifacts (attestations, SBOMs, the referrers fallback) are not images.
 _ARTIFACT_TAG = re.compile(r"^sha256-[0-9a-f]{64}(\.[a-z]+)?$")
+# A digest no image has: asking the registry for its referrers says whether it has the API.
+_PROBE_DIGEST = "sha256:" + "0" * 64
 
 INVENTORY = "inventory"
 Progress = Callable[[str, int, int], None]
@@ -36,11 +46,13 @@ def no_progress(phase: str, done: int, total: int) -> None:
 
 @dataclass(frozen=True)
 class SignatureEntry:
-    """One signature layer: the id of the known key that verifies it (None: unknown key) and
-    the optional annotations of its payload."""
+    """One signature: the id of the known key that verifies it (None: unknown key), the
+    annotations it signed (a classic payload's ``optional``, a bundle statement's subject
+    annotations), and its format."""
 
     key_id: str | None
     annotations: Mapping[str, str] = field(default_factory=dict, hash=False)
+    format: SignatureFormat = SignatureFormat.CLASSIC
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,16 @@ class DigestEntry:
     @property
     def unknown_signatures(self) -> int:
         return sum(1 for s in self.signatures if s.key_id is None)
+
+    def formats(self) -> dict[str | None, tuple[SignatureFormat, ...]]:
+        """Per key id (None: the unknown keys), the formats of its signatures, classic first."""
+        found: dict[str | None, set[SignatureFormat]] = {}
+        for signature in self.signatures:
+            found.setdefault(signature.key_id, set()).add(signature.format)
+        return {
+            key_id: tuple(f for f in SignatureFormat if f in formats)
+            for key_id, formats in found.items()
+        }
 
 
 @dataclass(frozen=True)
@@ -119,16 +141,29 @@ async def list_repositories(
 
 @dataclass
 class _RepositoryDigests:
-    """What a repository's tags show: tagged digests, index children, signature tags."""
+    """What a repository's tags show: tagged digests, index children, the digests named by
+    classic signature tags (``signed``) and by fallback indexes of bundles (``referred``)."""
 
     repository: Repository
     tagged: dict[str, list[str]] = field(default_factory=dict)
     parents: dict[str, list[str]] = field(default_factory=dict)
     signed: set[str] = field(default_factory=set)
+    referred: set[str] = field(default_factory=set)
 
     @property
     def images(self) -> set[str]:
         return set(self.tagged) | set(self.parents)
+
+
+def _signature_tags(tags: Sequence[str]) -> tuple[set[str], set[str]]:
+    """The digests named by ``sha256-HEX.sig`` tags and by ``sha256-HEX`` fallback indexes."""
+    signed, referred = set(), set()
+    for tag in tags:
+        if match := _SIGNATURE_TAG.match(tag):
+            signed.add(f"sha256:{match.group(1)}")
+        elif match := _FALLBACK_INDEX_TAG.match(tag):
+            referred.add(f"sha256:{match.group(1)}")
+    return signed, referred
 
 
 async def _read_tags(
@@ -137,13 +172,8 @@ async def _read_tags(
     async with limit:
         tags = await client.list_tags(repository)
     found = _RepositoryDigests(repository)
-    image_tags = []
-    for tag in tags:
-        match = _SIGNATURE_TAG.match(tag)
-        if match:
-            found.signed.add(f"sha256:{match.group(1)}")
-        elif not _ARTIFACT_TAG.match(tag):
-            image_tags.append(tag)
+    found.signed, found.referred = _signature_tags(tags)
+    image_tags = [tag for tag in tags if not _ARTIFACT_TAG.match(tag)]
 
     async def resolve(tag: str) -> None:
         async with limit:
@@ -167,8 +197,11 @@ async def _entries(
     signature_repo: Repository,
     keys: Sequence[PublicKey],
     limit: asyncio.Semaphore,
+    referrers_api: bool,
 ) -> list[DigestEntry]:
-    """One entry per digest of the repository, its signatures read from ``signature_repo``."""
+    """One entry per digest of the repository, its signatures read from ``signature_repo``:
+    classic ones where a ``.sig`` tag names the digest, bundles where a fallback index does
+    (or for every digest, when the registry lists referrers through its API)."""
 
     async def one(digest: str) -> DigestEntry:
         signatures: tuple[SignatureEntry, ...] = ()
@@ -177,6 +210,9 @@ async def _entries(
                 signatures = await _signatures(
                     client, found.repository, signature_repo, digest, keys
                 )
+        if referrers_api or digest in found.referred:
+            async with limit:
+                signatures += await _bundle_signatures(client, signature_repo, digest, keys)
         return DigestEntry(
             found.repository,
             digest,
@@ -185,7 +221,7 @@ async def _entries(
             signatures,
         )
 
-    digests = sorted(found.images | found.signed)
+    digests = sorted(found.images | found.signed | found.referred)
     return list(await asyncio.gather(*(one(d) for d in digests)))
 
 
@@ -194,11 +230,26 @@ async def inventory_repository(
     repository: Repository,
     keys: Sequence[PublicKey],
     limit: asyncio.Semaphore,
+    referrers_api: bool = False,
 ) -> list[DigestEntry]:
     """Every digest of one repository with its tags and signatures, the signatures beside it
-    (its ``sha256-HEX.sig`` tags name the digests no tag points to any more)."""
+    (its ``sha256-HEX.sig`` tags and ``sha256-HEX`` fallback indexes name the digests no tag
+    points to any more)."""
     found = await _read_tags(client, repository, limit)
-    return await _entries(client, found, repository, keys, limit)
+    return await _entries(client, found, repository, keys, limit, referrers_api)
+
+
+async def has_referrers_api(client: RegistryClient, repository: Repository) -> bool:
+    """Whether the registry lists referrers through the OCI 1.1 API (then bundles need no
+    fallback index, and every digest is asked for its bundles)."""
+    try:
+        return (await client.referrers(repository, _PROBE_DIGEST)).api
+    except (Unauthorized, Denied):
+        raise
+    except RegistryError:
+        # A registry that answers the API's path with an error has no usable API: its bundles,
+        # if any, are listed in fallback indexes, which the tags show.
+        return False
 
 
 async def _signatures(
@@ -228,6 +279,29 @@ async def _signatures(
     return tuple(found)
 
 
+async def _bundle_signatures(
+    client: RegistryClient, signature_repo: Repository, digest: str, keys: Sequence[PublicKey]
+) -> tuple[SignatureEntry, ...]:
+    """The bundle signatures referring to ``digest``: attestations (another predicate type) and
+    index entries whose manifest is gone are not signatures; a bundle no given key verifies
+    (for this digest, as a cosign signature) counts as another key's."""
+    bundles = await read_bundles(client, signature_repo, digest)
+    found = []
+    for artifact in bundles.artifacts:
+        if not artifact.is_signature or artifact.manifest_missing:
+            continue
+        key_id: str | None = None
+        annotations: dict[str, str] = {}
+        if artifact.problem is None:
+            check = check_bundle(artifact.bundle_digest, artifact.bundle, keys, digest, {})
+            if check.statement is not None:
+                annotations = {str(k): str(v) for k, v in check.statement.annotations.items()}
+            if check.verified and check.key is not None:
+                key_id = check.key.key_id
+        found.append(SignatureEntry(key_id, annotations, SignatureFormat.BUNDLE))
+    return tuple(found)
+
+
 def shared_signature_repository(registry: str) -> Repository | None:
     """The repository that holds every image's signatures when ``COSIGN_REPOSITORY`` is set
     (as sign and verify use it); None when signatures live beside each image."""
@@ -243,6 +317,7 @@ async def _shared_inventory(
     keys: Sequence[PublicKey],
     limit: asyncio.Semaphore,
     progress: Progress,
+    referrers_api: bool,
 ) -> list[DigestEntry]:
     """The inventory when one repository holds all signatures: its signature tags do not say
     which repository an image is in, so a signed digest no tag points to is looked for in
@@ -252,9 +327,9 @@ async def _shared_inventory(
             tags = await client.list_tags(signature_repo)
     except NotFound:
         tags = []
-    signed = {f"sha256:{m.group(1)}" for m in map(_SIGNATURE_TAG.match, tags) if m}
+    signed, referred = _signature_tags(tags)
     walked = await asyncio.gather(*(_read_tags(client, r, limit) for r in repositories))
-    orphans = signed - set().union(*(found.images for found in walked))
+    orphans = (signed | referred) - set().union(*(found.images for found in walked))
 
     async def look_for(found: _RepositoryDigests, digest: str) -> None:
         async with limit:
@@ -267,7 +342,8 @@ async def _shared_inventory(
     async def entries(found: _RepositoryDigests) -> list[DigestEntry]:
         nonlocal done
         found.signed = found.images & signed
-        result = await _entries(client, found, signature_repo, keys, limit)
+        found.referred = found.images & referred
+        result = await _entries(client, found, signature_repo, keys, limit, referrers_api)
         done += 1
         progress(INVENTORY, done, len(repositories))
         return result
@@ -303,14 +379,19 @@ async def build_inventory(
     limit = asyncio.Semaphore(concurrency)
     report(INVENTORY, 0, len(names))
     chosen = [Repository(registry, n) for n in names]
+    if not chosen:
+        return Inventory(registry, (), dict(key_names or {}))
+    referrers_api = await has_referrers_api(client, signature_repo or chosen[0])
     if signature_repo is not None:
-        shared = await _shared_inventory(client, chosen, signature_repo, keys, limit, report)
+        shared = await _shared_inventory(
+            client, chosen, signature_repo, keys, limit, report, referrers_api
+        )
         return Inventory(registry, tuple(shared), dict(key_names or {}))
     done = 0
 
     async def walk(repository: Repository) -> list[DigestEntry]:
         nonlocal done
-        result = await inventory_repository(client, repository, keys, limit)
+        result = await inventory_repository(client, repository, keys, limit, referrers_api)
         done += 1
         report(INVENTORY, done, len(chosen))
         return result

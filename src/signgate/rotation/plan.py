@@ -2,20 +2,24 @@
 
 The phases run in this order, and each starts only when the one before it is complete:
 
-1. ``plan``: the digests OLD signed become the work list (recorded, so a resumed run works on
-   the same list even after OLD's signatures are gone).
+1. ``plan``: the signatures OLD made, in either format, become the work list (recorded, so a
+   resumed run works on the same list even after OLD's signatures are gone).
 2. ``trust``: NEW is added beside OLD in every policy rule that trusts OLD (unless the rule
-   already trusts NEW: a KMS key reference that stands for all its versions, OLD's and NEW's).
-3. ``resign``: every work item gets a signature by NEW next to OLD's.
+   already trusts NEW: a KMS key reference that stands for all its versions, OLD's and NEW's);
+   then ``trust-hook`` (``--policy-hook`` delivers the file) and ``confirm-new``
+   (``--verifier``: every verifier reports that it trusts NEW).
+3. ``resign``: every work item gets a signature by NEW next to OLD's, in OLD's formats.
 4. ``shards`` (with ``--shard``): wait until every other shard has re-signed its share.
-5. ``retire``: OLD is removed from the policy rules (never a reference that trusts NEW too).
-6. ``clean``: OLD's signatures are removed.
+5. ``retire``: OLD is removed from the policy rules (never a reference that trusts NEW too);
+   then ``retire-hook`` and ``confirm-old`` (no verifier trusts OLD any more; not waited for
+   where the policy still trusts OLD's key version, until ``retire-key``).
+6. ``clean``: OLD's signatures are removed, in both formats.
 7. ``retire-key`` (with ``--disable-old-key``): OLD is disabled in its KMS.
 
 At every moment each image OLD had signed carries a signature the policy in force accepts:
 before ``trust`` ends only OLD's signatures exist; until ``retire`` both keys are trusted;
 ``retire`` waits until every image (of every shard) carries NEW's signature; ``clean`` starts
-only once OLD is no longer trusted.
+only once the verifiers trust NEW (confirmed, or after the propagation delay).
 """
 
 from __future__ import annotations
@@ -32,50 +36,91 @@ from signgate.errors import PolicyError
 from signgate.policy import parse_policy
 from signgate.rotation.inventory import DigestEntry, Inventory
 from signgate.rotation.settings import parse_shard
+from signgate.signatures.formats import SignatureFormat
 
 PHASES = ("plan", "trust", "resign", "shards", "retire", "clean", "retire-key")
 
 
+CLASSIC = SignatureFormat.CLASSIC.value
+
+
 @dataclass(frozen=True, order=True)
 class WorkItem:
-    """One signature to re-sign: ``repository@digest`` with the annotations OLD's payload had."""
+    """One signature to re-sign: ``repository@digest`` with the annotations OLD signed, in the
+    formats OLD signed them (classic, bundle or both): NEW signs in the same formats.
+
+    A journal written before bundles were rotated has items without formats: classic.
+    """
 
     repository: str
     digest: str
     annotations: tuple[tuple[str, str], ...] = ()
+    formats: tuple[str, ...] = (CLASSIC,)
 
     @property
     def item_id(self) -> str:
+        # Without the formats: the ids of journals written before them stay the same.
         return json.dumps([self.repository, self.digest, list(self.annotations)])
 
     def to_json(self) -> list[Any]:
-        return [self.repository, self.digest, [list(pair) for pair in self.annotations]]
+        return [
+            self.repository, self.digest, [list(pair) for pair in self.annotations],
+            list(self.formats),
+        ]
 
     @classmethod
     def from_json(cls, value: Any) -> WorkItem:
-        repository, digest, annotations = value
-        return cls(str(repository), str(digest), tuple((str(k), str(v)) for k, v in annotations))
+        repository, digest, annotations, *rest = value
+        formats = tuple(str(f) for f in rest[0]) if rest else (CLASSIC,)
+        return cls(
+            str(repository), str(digest), tuple((str(k), str(v)) for k, v in annotations),
+            formats,
+        )
+
+
+_Signed = tuple[str, str, tuple[tuple[str, str], ...]]  # repository, digest, annotations
+
+
+def _signed(entries: Iterable[DigestEntry], key_id: str) -> dict[_Signed, set[str]]:
+    """Per (repository, digest, sorted annotations) signed by ``key_id``: the formats."""
+    found: dict[_Signed, set[str]] = {}
+    for entry in entries:
+        for signature in entry.signatures:
+            if signature.key_id == key_id:
+                annotations = tuple(sorted(signature.annotations.items()))
+                place = (str(entry.repository), entry.digest, annotations)
+                found.setdefault(place, set()).add(signature.format.value)
+    return found
+
+
+def _in_order(formats: Iterable[str]) -> tuple[str, ...]:
+    given = set(formats)
+    return tuple(f.value for f in SignatureFormat if f.value in given)
 
 
 def work_list(inventory: Inventory, old_key_id: str) -> list[WorkItem]:
-    """One item per distinct annotation set of OLD's signatures on each digest, sorted."""
-    items = set()
-    for entry in inventory.entries:
-        for signature in entry.signatures:
-            if signature.key_id == old_key_id:
-                annotations = tuple(sorted(signature.annotations.items()))
-                items.add(WorkItem(str(entry.repository), entry.digest, annotations))
-    return sorted(items)
+    """One item per distinct annotation set of OLD's signatures on each digest, with the
+    formats OLD signed it in; sorted."""
+    return sorted(
+        WorkItem(repository, digest, annotations, _in_order(formats))
+        for (repository, digest, annotations), formats in _signed(
+            inventory.entries, old_key_id
+        ).items()
+    )
 
 
 def unfinished_items(
     entries: Iterable[DigestEntry], old_key_id: str, new_key_id: str
 ) -> list[WorkItem]:
-    """The signatures by OLD that have no signature by NEW with the same annotations beside
-    them: what a shard still has to re-sign."""
-    wanted = work_list(Inventory("", tuple(entries)), old_key_id)
-    done = set(work_list(Inventory("", tuple(entries)), new_key_id))
-    return [item for item in wanted if item not in done]
+    """The signatures by OLD that lack a signature by NEW with the same annotations in one of
+    OLD's formats: what a shard still has to re-sign."""
+    listed = tuple(entries)
+    done = _signed(listed, new_key_id)
+    return [
+        item for item in work_list(Inventory("", listed), old_key_id)
+        if not set(item.formats)
+        <= done.get((item.repository, item.digest, item.annotations), set())
+    ]
 
 
 @dataclass

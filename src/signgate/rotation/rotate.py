@@ -4,6 +4,9 @@ The order (plan, trust both, re-sign, wait for the other shards, retire OLD, cle
 OLD) and why it never refuses a signed image are described in :mod:`signgate.rotation.plan`.
 Each step is journalled before the run goes on, so that a run stopped anywhere continues from
 the journal, and redoing a step that already happened changes nothing.
+
+Signatures in either format are rotated in their format: OLD's classic signatures get classic
+ones by NEW, OLD's bundles get bundles by NEW.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from signgate.fileio import write_file_atomically
 from signgate.keys.model import PublicKey, Signer
 from signgate.keys.password import PasswordSource, fixed_password
 from signgate.keys.refs import display_key_ref, load_public_keys, split_key_ref
+from signgate.policy import parse_policy
 from signgate.reference import ImageReference, Repository
 from signgate.registry import IMAGE_CONCURRENCY, RegistryClient
 from signgate.rotation.inventory import (
@@ -47,25 +51,37 @@ from signgate.rotation.plan import (
     unfinished_items,
     work_list,
 )
+from signgate.rotation.policy_hook import run_policy_hook
 from signgate.rotation.settings import RotationSettings, Shard, new_key_step
+from signgate.rotation.verifiers import Verifiers, describe_unconfirmed, wait_for_verifiers
 from signgate.signatures.attachments import clean
-from signgate.signatures.sign import sign_digest
+from signgate.signatures.formats import SignatureFormat
+from signgate.signatures.sign import sign_digest, sign_digest_as_bundle
 from signgate.signatures.verify import verify_image
 
 T = TypeVar("T")
 
 # Called with the name of each point the run passes once that point's journal record is
-# durable ("new-key", "plan", "trust", "resign:N", "resign", "shards", "retire", "clean:N",
-# "clean", "retire-key"). A test seam: a hook that raises stops the run there, as a crash would.
+# durable ("new-key", "plan", "trust", "trust-hook", "confirm-new", "resign:N", "resign",
+# "shards", "retire", "retire-hook", "confirm-old", "clean:N", "clean", "retire-key"). A test
+# seam: a checkpoint that raises stops the run there, as a crash would.
 Checkpoint = Callable[[str], Awaitable[None]]
 
 # The progress phases a terminal shows, besides INVENTORY.
 RESIGN, CLEAN, SHARDS, PROPAGATION = "re-sign", "clean", "other shards", "verifiers"
+CONFIRM_NEW, CONFIRM_OLD = "NEW trusted", "OLD dropped"
 
-# What `signgate rotate` waits by default between trusting NEW and removing OLD's signatures:
-# the webhook re-reads KMS keys every 300 s (--key-refresh), and a ConfigMap takes about a
-# minute to reach its pods.
+# What `signgate rotate` waits by default between trusting NEW and removing OLD's signatures
+# when no verifier is asked (--verifier): the webhook re-reads KMS keys every 300 s
+# (--key-refresh), and a ConfigMap takes about a minute to reach its pods.
 DEFAULT_PROPAGATION_DELAY = 360.0
+
+
+def default_propagation_delay(verifiers: Sequence[str]) -> float:
+    """No delay when verifiers confirm the change themselves; otherwise a guess that covers
+    the webhook's defaults."""
+    return 0.0 if verifiers else DEFAULT_PROPAGATION_DELAY
+
 
 # How often a shard that has re-signed its share looks at the others' (doubling to the most).
 SHARD_POLL_SECONDS = (1.0, 30.0)
@@ -105,10 +121,15 @@ class RotationReport:
     retried_responses: int = 0  # 429 and 5xx answers the client retried (filled by the caller)
 
     def summary(self) -> dict[str, Any]:
+        by_format = {
+            f.value: sum(1 for item in self.plan if f.value in item.formats)
+            for f in SignatureFormat
+        }
         return {
             "shard": None if self.shard is None else str(self.shard),
             "repositories_signed_by_old": self.repositories,
             "work_items": len(self.plan),
+            "work_items_by_format": by_format,
             "resigned": self.resigned,
             "skipped": self.skipped,
             "failed": dict(self.failed),
@@ -210,6 +231,8 @@ class _Rotation:
         shard_wait: float | None,
         propagation_delay: float,
         progress: Progress,
+        verifiers: Verifiers | None,
+        policy_hook: str | None,
     ) -> None:
         self.client = client
         self.target = target
@@ -225,7 +248,10 @@ class _Rotation:
         self.shard_wait = shard_wait
         self.propagation_delay = propagation_delay
         self.progress = progress
+        self.verifiers = verifiers if verifiers is not None and verifiers.urls else None
+        self.policy_hook = policy_hook
         self.report = RotationReport(shard=shard)
+        self._loaded_key_ids: dict[str, set[str]] = {}
 
     async def run(self) -> RotationReport:
         started = time.monotonic()
@@ -256,6 +282,12 @@ class _Rotation:
             self.report.rules_trusting_new = self._edit_policy(add_key_to_rules)
             self.journal.append({"type": "end", "phase": "trust"})
             await self.checkpoint("trust")
+        # Once OLD is retired, the retire step's own hook and confirmation supersede these.
+        if "retire" not in state.completed:
+            if not await self._deliver_policy("trust", state.completed):
+                return
+            if not await self._confirm(CONFIRM_NEW, state.completed):
+                return
         if "resign" not in state.completed:
             self.journal.append({"type": "begin", "phase": "resign"})
             await self._resign(state.plan, state.resigned)
@@ -277,7 +309,11 @@ class _Rotation:
             await self.checkpoint("retire")
         self.report.removed = state.removed
         if "clean" not in state.completed:
+            if not await self._deliver_policy("retire", state.completed):
+                return
             await self._wait_for_verifiers()
+            if not await self._confirm(CONFIRM_OLD, state.completed):
+                return
             self.journal.append({"type": "begin", "phase": "clean"})
             await self._clean(state.plan, state.cleaned)
             if self.report.failed:
@@ -330,6 +366,23 @@ class _Rotation:
                 f"--new-key is now {self.new_key.key_id}; use a new journal file"
             )
 
+    def _ids(self, ref: str) -> set[str]:
+        if ref not in self._loaded_key_ids:
+            self._loaded_key_ids[ref] = _key_ids(ref)
+        return self._loaded_key_ids[ref]
+
+    def _trusts_old(self, ref: str) -> bool:
+        return ref == self.keys.old_ref or self.keys.old.key_id in self._ids(ref)
+
+    def _trusts_new(self, ref: str) -> bool:
+        return ref == self.keys.new_ref or self.new_key.key_id in self._ids(ref)
+
+    def _read_policy(self, path: Path) -> str:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise PolicyError(f"{path}: cannot read the policy: {e}") from e
+
     def _edit_policy(
         self, edit: Callable[[str, KeyTest, str, str, KeyTest], tuple[str, list[str]]]
     ) -> list[str]:
@@ -337,25 +390,14 @@ class _Rotation:
         if path is None:
             return []
         with _policy_lock(path):
+            text = self._read_policy(path)
             try:
-                text = path.read_text(encoding="utf-8")
                 mode = stat.S_IMODE(os.stat(path).st_mode)
-            except (OSError, UnicodeDecodeError) as e:
-                raise PolicyError(f"{path}: cannot read the policy: {e}") from e
-            loaded: dict[str, set[str]] = {}
-
-            def ids(ref: str) -> set[str]:
-                if ref not in loaded:
-                    loaded[ref] = _key_ids(ref)
-                return loaded[ref]
-
-            def trusts_old(ref: str) -> bool:
-                return ref == self.keys.old_ref or self.keys.old.key_id in ids(ref)
-
-            def trusts_new(ref: str) -> bool:
-                return ref == self.keys.new_ref or self.new_key.key_id in ids(ref)
-
-            edited, changed = edit(text, trusts_old, self.keys.new_ref, str(path), trusts_new)
+            except OSError as e:
+                raise PolicyError(f"{path}: cannot read the policy: {e.strerror or e}") from e
+            edited, changed = edit(
+                text, self._trusts_old, self.keys.new_ref, str(path), self._trusts_new
+            )
             if edited != text:
                 try:
                     write_file_atomically(path, edited.encode(), mode=mode, overwrite=True)
@@ -365,19 +407,93 @@ class _Rotation:
                     ) from e
         return changed
 
+    def _policy_trusts_old(self) -> bool:
+        """Whether a rule of the policy file still names a key reference that stands for OLD:
+        after the retire step, only one that stands for NEW too (a KMS key with both
+        versions, which trusts OLD's version until it is disabled)."""
+        if self.policy_path is None:
+            return False
+        policy = parse_policy(self._read_policy(self.policy_path), str(self.policy_path))
+        return any(self._trusts_old(ref) for rule in policy.rules for ref in rule.keys)
+
+    async def _deliver_policy(self, step: str, completed: set[str]) -> bool:
+        """Run ``--policy-hook`` after the ``step`` edit, unless the journal shows it ran to
+        the end; recorded before and after, so that one a crash cut short runs again."""
+        phase = f"{step}-hook"
+        if self.policy_hook is None or self.policy_path is None or phase in completed:
+            return True
+        self.journal.append({"type": "begin", "phase": phase})
+        try:
+            await run_policy_hook(self.policy_hook, self.policy_path, step)
+        except Error as e:
+            self.report.failed["policy hook"] = e.diagnostics()
+            return False
+        self.journal.append({"type": "end", "phase": phase})
+        await self.checkpoint(phase)
+        return True
+
+    async def _confirm(self, which: str, completed: set[str]) -> bool:
+        """With ``--verifier``: wait until every verifier trusts NEW (:data:`CONFIRM_NEW`), or
+        no longer trusts OLD (:data:`CONFIRM_OLD`); False when one did not confirm in time.
+
+        OLD is waited for only when the policy no longer trusts it. Where the rule names a KMS
+        key that stands for OLD's version and NEW's (a key-version rotation), verifiers trust
+        OLD's version until ``--disable-old-key`` disables it, after clean: nothing depends on
+        that, as NEW was confirmed before re-signing and no signature by OLD is left by then.
+        """
+        phase = "confirm-new" if which == CONFIRM_NEW else "confirm-old"
+        if self.verifiers is None or phase in completed:
+            return True
+        trusted = which == CONFIRM_NEW
+        key = self.new_key if trusted else self.keys.old
+        if not trusted and self._policy_trusts_old():
+            self.journal.append({
+                "type": "end", "phase": phase,
+                "skipped": "the policy still trusts OLD through a key reference the retire "
+                "step keeps (one that stands for NEW's key version too, until OLD is disabled)",
+            })
+            return True
+        self.journal.append(
+            {"type": "begin", "phase": phase, "verifiers": list(self.verifiers.urls)}
+        )
+        unconfirmed = await wait_for_verifiers(
+            self.verifiers, key.key_id, trusted,
+            lambda done, total: self.progress(which, done, total),
+        )
+        if unconfirmed:
+            name = f"NEW ({key.key_id})" if trusted else f"OLD ({key.key_id})"
+            self.report.failed.update(
+                describe_unconfirmed(unconfirmed, name, trusted, self.verifiers.wait_seconds)
+            )
+            return False
+        self.journal.append({"type": "end", "phase": phase})
+        await self.checkpoint(phase)
+        return True
+
     async def _sign_with_new(self, item: WorkItem, *, unless_signed: bool = False) -> None:
-        """Sign ``item`` with NEW, read it back and verify it; with ``unless_signed``, only if
-        no such signature is there (one lost to a concurrent writer is written again)."""
+        """Sign ``item`` with NEW in each format OLD used, read it back and verify it; with
+        ``unless_signed``, only where no such signature is there (one lost to a concurrent
+        writer of the signature image or of the fallback index is written again)."""
         reference = ImageReference(Repository.parse(item.repository), digest=item.digest)
         annotations: Mapping[str, str] = dict(item.annotations)
-        if unless_signed:
-            check = await verify_image(self.client, reference, [self.new_key], annotations)
-            if check.ok:
-                return
-        await sign_digest(self.client, self.keys.new_signer, reference, item.digest, annotations)
-        check = await verify_image(self.client, reference, [self.new_key], annotations)
-        if not check.ok:
-            raise UsageError(f"read back: {check.reason()}")
+        for signature_format in item.formats:
+            formats = [signature_format]
+            if unless_signed:
+                check = await verify_image(
+                    self.client, reference, [self.new_key], annotations, formats=formats
+                )
+                if check.ok:
+                    continue
+            sign = (
+                sign_digest_as_bundle if signature_format == SignatureFormat.BUNDLE
+                else sign_digest
+            )
+            await sign(self.client, self.keys.new_signer, reference, item.digest, annotations)
+            check = await verify_image(
+                self.client, reference, [self.new_key], annotations, formats=formats
+            )
+            if not check.ok:
+                raise UsageError(f"read back ({signature_format}): {check.reason()}")
 
     async def _resign(self, plan: Sequence[WorkItem], done: set[str]) -> None:
         todo = [item for item in plan if item.item_id not in done]
@@ -514,6 +630,8 @@ async def rotate(
     shard_wait: float | None = None,
     propagation_delay: float = 0.0,
     progress: Progress | None = None,
+    verifiers: Verifiers | None = None,
+    policy_hook: str | None = None,
 ) -> RotationReport:
     """Run (or resume, from ``journal``) the rotation of ``target`` from OLD to NEW.
 
@@ -521,14 +639,19 @@ async def rotate(
     ``shard_wait`` seconds, None: as long as it takes) until the other shards have re-signed
     theirs, and otherwise stops unfinished with :attr:`RotationReport.waiting_for_shards`.
     OLD's signatures are removed no sooner than ``propagation_delay`` seconds after NEW became
-    trusted (the CLI's default is :data:`DEFAULT_PROPAGATION_DELAY`).
+    trusted (the CLI's default is :func:`default_propagation_delay`).
+
+    ``policy_hook`` (a shell command) runs after each edit of ``policy_path``, to deliver it
+    to the verifiers. With ``verifiers``, the run waits after trusting NEW until each reports
+    NEW's key id, and before clean until none reports OLD's; one that does not within
+    ``verifiers.wait_seconds`` stops the run (a failure; run it again to continue).
     """
     if concurrency < 1:
         raise UsageError("--concurrency must be at least 1")
     rotation = _Rotation(
         client, target, keys, journal, policy_path, repositories, concurrency,
         checkpoint or _noop, shard, disable_old_key, shard_wait, propagation_delay,
-        progress or no_progress,
+        progress or no_progress, verifiers, policy_hook,
     )
     return await rotation.run()
 

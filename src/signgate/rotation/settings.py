@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from signgate.errors import UsageError
-from signgate.keys.refs import display_key_ref, split_key_ref
+from signgate.keys.refs import can_disable, display_key_ref, split_key_ref
+from signgate.rotation.verifiers import verifier_urls
 
 _SHARD = re.compile(r"^([0-9]+)/([0-9]+)$")
 
@@ -95,12 +96,6 @@ def check_key_version_refs(old_ref: str, new_ref: str) -> None:
         )
 
 
-def can_be_disabled(ref: str) -> bool:
-    """False for what no KMS holds (key files, ``env://``): those cannot be disabled."""
-    scheme, _ = split_key_ref(ref)
-    return scheme not in ("", "env")
-
-
 @dataclass(frozen=True)
 class RotationSettings:
     """A rotation's parameters. Key references are absolute for files; ``policy`` is an
@@ -116,6 +111,10 @@ class RotationSettings:
     signature_repository: str | None = None
     create_new_key: bool = False
     disable_old_key: bool = False
+    verifiers: tuple[str, ...] = ()
+    verifier_cacert: str | None = None
+    policy_hook: str | None = None
+    propagation_delay: float | None = None
 
     @property
     def key_version_rotation(self) -> bool:
@@ -136,13 +135,22 @@ class RotationSettings:
             "signature_repository": self.signature_repository,
             "create_new_key": self.create_new_key,
             "disable_old_key": self.disable_old_key,
+            "verifiers": list(self.verifiers),
+            "verifier_cacert": self.verifier_cacert,
+            "policy_hook": self.policy_hook,
+            "propagation_delay": self.propagation_delay,
         }
 
 
 @dataclass(frozen=True)
 class GivenSettings:
     """The options of one ``rotate`` command; None (or False, or empty) where not given.
-    ``signature_repository`` is always given: it comes from ``COSIGN_REPOSITORY``."""
+    ``signature_repository`` is always given: it comes from ``COSIGN_REPOSITORY``.
+
+    ``verifiers``, ``verifier_cacert``, ``policy_hook`` and ``propagation_delay`` may change
+    from run to run (a verifier's address, the cluster's credentials); when not given, the
+    journal's are used.
+    """
 
     target: str | None = None
     old_ref: str | None = None
@@ -154,7 +162,14 @@ class GivenSettings:
     signature_repository: str | None = None
     create_new_key: bool = False
     disable_old_key: bool = False
+    verifiers: tuple[str, ...] = ()
+    verifier_cacert: str | None = None
+    policy_hook: str | None = None
+    propagation_delay: float | None = None
 
+
+# Options a resumed run takes from the journal when not given again, and may change.
+_PER_RUN = ("verifiers", "verifier_cacert", "policy_hook", "propagation_delay")
 
 _OPTION_NAMES = {
     "target": "REGISTRY[/PREFIX]",
@@ -203,6 +218,11 @@ def resolve_settings(
             f"{given.signature_repository or '(unset)'}; run it as it was started"
         )
     values["signature_repository"] = given.signature_repository
+    for name in _PER_RUN:
+        mine = getattr(given, name)
+        given_now = mine is not None and mine != ()
+        values[name] = mine if given_now else (recorded or {}).get(name, mine)
+    values["verifiers"] = verifier_urls([str(url) for url in values["verifiers"] or ()])
     for name in _REQUIRED:
         if not values[name]:
             raise UsageError(f"rotate needs {_OPTION_NAMES[name]}")
@@ -213,16 +233,18 @@ def resolve_settings(
             "--create-new-key with --shard: each shard would make its own NEW; create NEW "
             "once (or add the key version) before the shards start, and give it as --new-key"
         )
-    if settings.disable_old_key and not can_be_disabled(settings.old_ref):
-        raise UsageError(disable_refusal(settings.old_ref))
+    check_disable_old_key(settings.old_ref, settings.disable_old_key)
     return settings
 
 
-def disable_refusal(old_ref: str) -> str:
-    return (
-        f"--disable-old-key: {display_key_ref(old_ref)} is not in a KMS, so it cannot be "
-        "disabled; drop the option (and delete the old key yourself once the rotation ends)"
-    )
+def check_disable_old_key(old_ref: str, disable_old_key: bool) -> None:
+    """Refuse ``--disable-old-key`` for an OLD that cannot be disabled (a key file, a
+    Kubernetes Secret, a whole Transit key), before the rotation does anything."""
+    if not disable_old_key:
+        return
+    reason = can_disable(old_ref)
+    if reason is not None:
+        raise UsageError(f"--disable-old-key: {reason}; drop the option")
 
 
 def _recorded_value(name: str, value: Any) -> Any:

@@ -499,6 +499,14 @@ class TransitBackend:
         by threshold); a reference without a version is refused."""
         return self._engine(location).retire_through_version()
 
+    def can_disable(self, location: str) -> str | None:
+        """A reference without a version cannot be disabled: Transit retires versions only."""
+        try:
+            ref = parse_transit_ref(self.scheme, location)
+        except KMSError as e:
+            return e.diagnostics()
+        return _whole_key_refusal(ref).diagnostics() if ref.version is None else None
+
     def add_key_version(self, location: str) -> PublicKey:
         engine = self._engine(location)
         key = engine.add_version()
