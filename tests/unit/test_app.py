@@ -57,9 +57,16 @@ class TableController:
         self.problems = list(problems)
         self.reviews: list[AdmissionReview] = []
         self.failure: Exception | None = None
+        self.known: AdmissionDecision | None = None
+        self.known_failure: Exception | None = None
 
     def readiness_problems(self) -> list[str]:
         return self.problems
+
+    def known_decision(self, review: AdmissionReview) -> AdmissionDecision | None:
+        if self.known_failure is not None:
+            raise self.known_failure
+        return self.known
 
     async def review(self, review: AdmissionReview) -> AdmissionDecision:
         self.reviews.append(review)
@@ -397,3 +404,26 @@ async def test_a_controller_not_ready_without_a_reason_still_says_so(
     controller.ready = False
     reply = await client.get("/readyz")
     assert (reply.status_code, reply.text) == (503, "not ready: the controller is starting\n")
+
+
+async def test_a_known_decision_answers_without_deciding_again(
+    client: httpx.AsyncClient, controller: TableController
+) -> None:
+    controller.known = AdmissionDecision.denial("kept from before")
+    reply = await client.post("/validate", json=review_document(pod(SIGNED)))
+    response = reply.json()["response"]
+    assert response["uid"] == UID
+    assert response["allowed"] is False
+    assert response["status"]["message"] == "kept from before"
+    assert controller.reviews == []
+
+
+async def test_a_failure_looking_up_a_known_decision_is_a_denial(
+    client: httpx.AsyncClient, controller: TableController
+) -> None:
+    controller.known_failure = RuntimeError("a bug")
+    reply = await client.post("/validate", json=review_document(pod(SIGNED)))
+    assert reply.status_code == 200
+    response = reply.json()["response"]
+    assert response["allowed"] is False
+    assert response["status"]["message"] == FAILED_CLOSED_MESSAGE

@@ -482,18 +482,23 @@ async def test_a_decision_made_from_the_caches_is_reused_until_one_of_them_expir
     controller = await controller_factory(
         clock=clock, metrics=metrics, tag_ttl_seconds=30, verdict_ttl_seconds=300
     )
+    assert controller.known_decision(review_of(pod(WEB))) is None
     first = await controller.review(review_of(pod(WEB)))  # verified: not reusable
+    assert controller.known_decision(review_of(pod(WEB))) is None
     clock.advance(10)
     second = await controller.review(review_of(pod(WEB)))  # from the caches: kept
+    assert controller.known_decision(review_of(pod(WEB))) is second
     third = await controller.review(review_of(pod(WEB)))
     assert first.allowed
     assert second.allowed
     assert third is second
-    assert sample(metrics, "signgate_cache_lookups_total", cache="decision", result="hit") == 1
+    assert sample(metrics, "signgate_cache_lookups_total", cache="decision", result="hit") == 2
+    assert sample(metrics, "signgate_admissions_total", result="allowed") == 4
     assert setup.registry.reads()[-1].startswith("GET")  # only the first review's requests
     clock.advance(19.5)  # the tag, resolved at 0, is still fresh
     assert await controller.review(review_of(pod(WEB))) is second
     clock.advance(0.5)  # the tag expired: the kept decision goes with it
+    assert controller.known_decision(review_of(pod(WEB))) is None
     fourth = await controller.review(review_of(pod(WEB)))
     assert fourth is not second
     assert fourth.allowed

@@ -4,6 +4,7 @@ handshakes over a socket pair) and the JSON log lines."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ from signgate.errors import UsageError
 from signgate.webhook.app import WebhookApp
 from signgate.webhook.decision import AdmissionDecision
 from signgate.webhook.review import AdmissionReview
-from signgate.webhook.server import JsonLogFormatter, ReloadingCertificate, _run
+from signgate.webhook.server import DirectLines, JsonLogFormatter, ReloadingCertificate, _run
 from tests.integration.registry_servers import (
     CertificateAuthority,
     ServerCertificate,
@@ -200,6 +201,9 @@ class UnstartableController:
     async def start(self) -> None:
         raise UsageError("cannot reach the registries: the CA bundle is unusable")
 
+    def known_decision(self, review: AdmissionReview) -> AdmissionDecision | None:
+        raise AssertionError("no review expected")
+
     async def review(self, review: AdmissionReview) -> AdmissionDecision:
         raise AssertionError("no review expected")
 
@@ -224,3 +228,19 @@ def test_a_controller_that_cannot_start_stops_the_server(live: ServerCertificate
         asyncio.run(_run(server, controller, certificate.watch(60.0)))  # type: ignore[arg-type]
     assert server.started
     assert controller.closed
+
+
+def test_decision_lines_go_to_the_handlers_stream_whole_and_a_broken_stream_is_survived() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLogFormatter())
+    write = DirectLines(handler)
+    write('{"a":1}')
+    handler.handle(logging.makeLogRecord({"msg": "between", "name": "x", "levelname": "INFO"}))
+    write('{"b":2}')
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == '{"a":1}'
+    assert json.loads(lines[1])["message"] == "between"
+    assert lines[2] == '{"b":2}'
+    stream.close()
+    write('{"c":3}')  # a closed stream: nothing raised into the review

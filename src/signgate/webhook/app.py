@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 from signgate.errors import MalformedReview
 from signgate.webhook.decision import AdmissionDecision
+from signgate.webhook.logs import json_line, log_time
 from signgate.webhook.review import AdmissionRequest, AdmissionReview, parse_review_json
-from signgate.webhook.review import request_images as images_of_request
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -42,7 +42,8 @@ FAILED_CLOSED_MESSAGE = (
     "so it is refused"
 )
 
-decision_log = logging.getLogger("signgate.webhook.decisions")
+DECISION_LOGGER = "signgate.webhook.decisions"
+decision_log = logging.getLogger(DECISION_LOGGER)
 log = logging.getLogger("signgate.webhook")
 
 
@@ -53,6 +54,8 @@ class ReviewController(Protocol):
     def ready(self) -> bool: ...
 
     def readiness_problems(self) -> list[str]: ...
+
+    def known_decision(self, review: AdmissionReview) -> AdmissionDecision | None: ...
 
     async def review(self, review: AdmissionReview) -> AdmissionDecision: ...
 
@@ -71,7 +74,9 @@ _JSON = b"application/json"
 
 class WebhookApp:
     """The ASGI application. ``readiness`` adds problems of the shell around the controller
-    (TLS not loaded, say) to ``/readyz``; ``clock`` measures each review's latency."""
+    (TLS not loaded, say) to ``/readyz``; ``clock`` measures each review's latency;
+    ``write_decision`` writes each decision's log line (by default a record of the
+    ``signgate.webhook.decisions`` logger carrying the line)."""
 
     def __init__(
         self,
@@ -81,12 +86,14 @@ class WebhookApp:
         readiness: Callable[[], Sequence[str]] = lambda: (),
         max_review_bytes: int = MAX_REVIEW_BYTES,
         clock: Callable[[], float] = time.perf_counter,
+        write_decision: Callable[[str], None] | None = None,
     ) -> None:
         self.controller = controller
         self.metrics = metrics
         self.readiness = readiness
         self.max_review_bytes = max_review_bytes
         self.clock = clock
+        self.write_decision = write_decision
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -135,9 +142,9 @@ class WebhookApp:
         try:
             body = await _read_body(scope, receive, self.max_review_bytes)
             review = parse_review_json(body)
-            # The images are found again while deciding; finding them here turns an object the
-            # webhook cannot read into a 400 rather than a denial.
-            images_of_request(review.request)
+            # Found here (once, then kept) so that an object the webhook cannot read is a 400
+            # rather than a denial.
+            review.request.images  # noqa: B018
         except MalformedReview as e:
             reason = e.diagnostics()
             log.warning("refused a malformed AdmissionReview: %s", reason)
@@ -145,30 +152,38 @@ class WebhookApp:
             return
         request = review.request
         try:
-            decision = await self.controller.review(review)
+            decision = self.controller.known_decision(review) or await self.controller.review(
+                review
+            )
             response = decision.response_body(request.uid, with_patch=with_patch)
         except Exception:
             log.exception("deciding on request %s failed; refusing it", request.uid)
             decision = AdmissionDecision.denial(FAILED_CLOSED_MESSAGE)
             response = decision.response_body(request.uid, with_patch=False)
-        latency = self.clock() - started
-        decision_log.info(
-            "admission %s", "allowed" if decision.allowed else "denied",
-            extra={
-                "fields": decision_fields(request, decision, latency, with_patch=with_patch),
-                "fields_json": decision.log_fields_json,
-            },
-        )
+        if decision_log.isEnabledFor(logging.INFO):
+            line = decision_line(
+                request, decision, self.clock() - started, with_patch=with_patch,
+                created=time.time(),
+            )
+            if self.write_decision is None:
+                decision_log.info(line, extra={"json_line": line})
+            else:
+                self.write_decision(line)
         await _respond(send, 200, response, _JSON)
 
 
-def decision_fields(
+def decision_line(
     request: AdmissionRequest, decision: AdmissionDecision, latency_seconds: float,
-    *, with_patch: bool,
-) -> dict[str, Any]:
-    """The fields of one decision's log line that depend on the request; the decision's own
-    are :attr:`AdmissionDecision.log_fields`."""
-    return {
+    *, with_patch: bool, created: float,
+) -> str:
+    """The decision's log line: what the request was, what was decided and why
+    (:attr:`AdmissionDecision.log_fields`, serialised once per decision), and how long it took."""
+    verdict = "allowed" if decision.allowed else "denied"
+    entry = {
+        "time": log_time(created),
+        "level": "info",
+        "logger": DECISION_LOGGER,
+        "message": f"admission {verdict}",
         "event": "admission",
         "uid": request.uid,
         "endpoint": "mutate" if with_patch else "validate",
@@ -181,6 +196,7 @@ def decision_fields(
         "patched": len(decision.patch) if with_patch and decision.allowed else 0,
         "latency_ms": round(latency_seconds * 1000, 3),
     }
+    return json_line(entry, decision.log_fields_json)
 
 
 def _object_name(request: AdmissionRequest) -> str:

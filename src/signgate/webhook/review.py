@@ -218,29 +218,47 @@ def _mapping(value: object, path: str) -> Mapping[str, Any]:
 
 def _string(mapping: Mapping[str, Any], key: str, path: str) -> str:
     value = mapping.get(key)
+    if type(value) is str:
+        return value
     if value is None:
         return ""
-    if not isinstance(value, str):
-        raise MalformedReview(f"{path}.{key}: must be a string")
-    return value
+    raise MalformedReview(f"{path}.{key}: must be a string")
+
+
+# A cluster sends a handful of kinds and resources: each is built once and shared.
+_KINDS: dict[tuple[str, str, str], GroupVersionKind] = {}
+_RESOURCES: dict[tuple[str, str, str], GroupVersionResource] = {}
+_MAX_INTERNED = 1024
 
 
 def _group_version_kind(value: object, path: str) -> GroupVersionKind:
     mapping = _mapping(value, path)
-    return GroupVersionKind(
+    key = (
         _string(mapping, "group", path),
         _string(mapping, "version", path),
         _string(mapping, "kind", path),
     )
+    kind = _KINDS.get(key)
+    if kind is None:
+        kind = GroupVersionKind(*key)
+        if len(_KINDS) < _MAX_INTERNED:
+            _KINDS[key] = kind
+    return kind
 
 
 def _group_version_resource(value: object, path: str) -> GroupVersionResource:
     mapping = _mapping(value, path)
-    return GroupVersionResource(
+    key = (
         _string(mapping, "group", path),
         _string(mapping, "version", path),
         _string(mapping, "resource", path),
     )
+    resource = _RESOURCES.get(key)
+    if resource is None:
+        resource = GroupVersionResource(*key)
+        if len(_RESOURCES) < _MAX_INTERNED:
+            _RESOURCES[key] = resource
+    return resource
 
 
 # Where each workload kind keeps its pod spec. EphemeralContainers is the object of the
