@@ -509,20 +509,22 @@ class AdmissionController:
         if self._closed:
             return None
         started = time.perf_counter()
-        request = review.request
-        decision_key = _decision_key(request)
+        decision = self._kept_decision(_decision_key(review.request), self._clock())
+        if decision is not None and self._metrics is not None:
+            self._metrics.observe_admission(_result_of(decision), time.perf_counter() - started)
+        return decision
+
+    def _kept_decision(self, decision_key: _DecisionKey, now: float) -> AdmissionDecision | None:
+        """The kept decision for ``decision_key`` if it still holds (counted as a cache hit);
+        one that no longer holds is dropped."""
         known = self._decisions.get(decision_key)
         if known is None:
             return None
-        if known.valid_until > self._clock() and known.is_current(
+        if known.valid_until > now and known.is_current(
             self.policy, self._rule_keys, self._evictions()
         ):
             self._decisions.move_to_end(decision_key)
             self._count_cache("decision", True)
-            if self._metrics is not None:
-                self._metrics.observe_admission(
-                    _result_of(known.decision), time.perf_counter() - started
-                )
             return known.decision
         del self._decisions[decision_key]
         return None
@@ -531,15 +533,9 @@ class AdmissionController:
         request = review.request
         now = self._clock()
         decision_key = _decision_key(request)
-        known = self._decisions.get(decision_key)
-        if known is not None:
-            if known.valid_until > now and known.is_current(
-                self.policy, self._rule_keys, self._evictions()
-            ):
-                self._decisions.move_to_end(decision_key)
-                self._count_cache("decision", True)
-                return known.decision
-            del self._decisions[decision_key]
+        kept = self._kept_decision(decision_key, now)
+        if kept is not None:
+            return kept
         self._count_cache("decision", False)
         # A decision made only from fresh cache entries (or no registry at all) holds until the
         # first of them expires: until then every review of the same images decides the same.

@@ -5,8 +5,10 @@
   and logs an error.
 - SIGTERM stops accepting connections and finishes the reviews in flight (up to
   ``shutdown_grace_seconds``), then the process exits 0.
+- The policy file is reloaded when it changes; a policy that does not parse, or whose keys do
+  not load, is logged and the one in force kept.
 - Every log line, uvicorn's included, is one JSON object on stderr; each decision is one line
-  with its fields (:func:`signgate.webhook.app.decision_fields`).
+  (:func:`signgate.webhook.app.decision_line`).
 """
 
 from __future__ import annotations
